@@ -1,0 +1,139 @@
+"""Grade many submissions: parallel workers, a progress bar, resumable, never stopped by one bad
+notebook. Results are written by this (parent) process as each arrives, atomically, so an
+interrupted batch leaves only whole results behind and a re-run picks up where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from grader import export, pipeline, report
+from grader.results import GradeResult, Submission
+
+RESULT_NAME = "result.json"
+REPORT_NAME = "report.html"
+FIRST_JOB_UID = 61000  # one unprivileged uid per worker: RLIMIT_NPROC counts per uid
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a batch writes: ``<out>/<id>/result.json``, ``report.html``, Gradescope's
+    ``results.json``; class-wide files at the top; kept runs under ``.runs``."""
+
+    out: Path
+
+    def result(self, submission_id: str) -> Path:
+        return self.out / submission_id / RESULT_NAME
+
+    def report(self, submission_id: str) -> Path:
+        return self.out / submission_id / REPORT_NAME
+
+    @property
+    def runs(self) -> Path:
+        return self.out / ".runs"
+
+    @property
+    def summary(self) -> Path:
+        return self.out / "index.html"
+
+
+def is_current(result_path: Path, submission: Submission, config: pipeline.Config) -> GradeResult | None:
+    """The kept result, if nothing that decides it has changed since."""
+    try:
+        result = GradeResult.from_json(json.loads(result_path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    same = (result.notebook_sha256 == submission.sha256 and result.rubric_sha256 == config.rubric.sha256
+            and result.spec_version == config.spec.version and result.status == ("error" if submission.error else "graded")
+            and (submission.error is not None or pipeline.load_run(submission, config) is not None))
+    return result if same else None
+
+
+def write_result(result: GradeResult, layout: Layout) -> None:
+    path = layout.result(result.submission_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export.atomic_write_text(path, json.dumps(result.to_json(), indent=1))
+    report.write_report(result, layout.report(result.submission_id))
+
+
+def grade_all(submissions: list[Submission], config: pipeline.Config, out: Path, jobs: int,
+              progress: bool = True, on_result: Callable[[GradeResult], None] | None = None) -> list[GradeResult]:
+    layout = Layout(out)
+    results: dict[str, GradeResult] = {}
+    todo = []
+    for submission in submissions:
+        kept = is_current(layout.result(submission.id), submission, config)
+        if kept is not None:
+            results[submission.id] = kept
+        else:
+            todo.append(submission)
+    bar = tqdm(total=len(submissions), initial=len(results), unit="notebook", disable=not progress,
+               desc="grading")
+
+    def finish(result: GradeResult) -> None:
+        write_result(result, layout)
+        results[result.submission_id] = result
+        bar.update(1)
+        if on_result:
+            on_result(result)
+
+    for done in _grade(todo, config, jobs):
+        finish(done)
+    bar.close()
+    ordered = [results[s.id] for s in submissions]
+    report.write_summary(ordered, {r.submission_id: f"{r.submission_id}/{REPORT_NAME}" for r in ordered},
+                         layout.summary)
+    export.write_exports(ordered, out, config.rubric.names)
+    return ordered
+
+
+def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int) -> Iterable[GradeResult]:
+    runnable = [s for s in submissions if s.error is None]
+    for submission in submissions:
+        if submission.error is not None:
+            yield pipeline.grade(submission, config)
+    if jobs <= 1 or len(runnable) <= 1:
+        for submission in runnable:
+            yield pipeline.grade(submission, config)
+        return
+    # spawn, not fork: the parent has torch's thread pools running, which fork does not copy safely.
+    context = multiprocessing.get_context("spawn")
+    uids = context.Queue()
+    for index in range(jobs):
+        uids.put(FIRST_JOB_UID + index)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(config, uids)) as pool:
+        futures = [pool.submit(_grade_in_worker, s) for s in runnable]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+_worker_config: pipeline.Config | None = None
+
+
+def _start_worker(config: pipeline.Config, uids) -> None:
+    global _worker_config
+    import dataclasses
+
+    _worker_config = dataclasses.replace(config, uid=uids.get())
+    pipeline.dataset(_worker_config)  # load the test set once per worker, not per notebook
+
+
+def _grade_in_worker(submission: Submission) -> GradeResult:
+    return pipeline.grade(submission, _worker_config)
+
+
+def threads_per_job(jobs: int) -> int:
+    """Threads for each kernel so that jobs x threads never exceeds the cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))

@@ -1,0 +1,210 @@
+"""``labgrader``: provision data, derive the reference spec, grade a class, self-check, assign."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DATASETS = ("mnist", "fashion-mnist")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.command(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished results are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    except UserError as error:
+        print(f"labgrader: {error}", file=sys.stderr)
+        return 2
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, no traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labgrader", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="prepare a dataset root torchvision reads offline")
+    _dataset_options(data)
+    data.set_defaults(command=_data)
+
+    ref = commands.add_parser("reference", help="run the reference and write the expected-behaviour spec")
+    _dataset_options(ref)
+    ref.add_argument("--out", type=Path, help="spec file to write (default: the one labgrader ships)")
+    ref.set_defaults(command=_reference)
+
+    grade = commands.add_parser("grade", help="grade notebooks, directories of them, or zip archives")
+    grade.add_argument("paths", nargs="+", type=Path)
+    grade.add_argument("--out", type=Path, default=Path("out"), help="where results and reports go")
+    grade.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel workers (default: cores)")
+    _grading_options(grade)
+    grade.set_defaults(command=_grade)
+
+    check = commands.add_parser("check", help="check your own notebook; exit 0 only if the visible checks pass")
+    check.add_argument("notebook", type=Path)
+    check.add_argument("--out", type=Path, default=Path("labgrader-report"), help="where the report goes")
+    check.add_argument("--min-score", type=float, help="pass when the score reaches this instead")
+    _grading_options(check)
+    check.set_defaults(command=_check)
+
+    assign = commands.add_parser("assign", help="make the student notebook from the instructor's")
+    assign.add_argument("--instructor", type=Path, help="default: lab/instructor.ipynb")
+    assign.add_argument("--student", type=Path, help="default: lab/student.ipynb")
+    _grading_options(assign)
+    assign.set_defaults(command=_assign)
+    return parser
+
+
+def _dataset_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist")
+    parser.add_argument("--root", type=Path, help="dataset root to prepare or use (default: a cache dir)")
+    parser.add_argument("--data-dir", type=Path, help="a directory holding the four IDX files "
+                        "(also: LABGRADER_DATA_DIR)")
+
+
+def _grading_options(parser: argparse.ArgumentParser) -> None:
+    _dataset_options(parser)
+    parser.add_argument("--rubric", type=Path, help="rubric TOML (default: lab/rubric.toml)")
+    parser.add_argument("--no-fast-data", dest="fast_data", action="store_false",
+                        help="serve dataset items through torchvision's stock PIL path")
+    parser.add_argument("--isolation", choices=("auto", "bubblewrap", "subprocess"), default="auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _provision(args: argparse.Namespace):
+    from reference import idx, provision
+
+    try:
+        return provision.provision(args.dataset, root=args.root, data_dir=args.data_dir)
+    except (provision.DatasetUnavailable, idx.IdxError) as error:
+        raise UserError(str(error)) from None
+
+
+def _describe(provisioned) -> str:
+    sample = " (a SAMPLE of MNIST, not the full dataset)" if provisioned.is_sample else ""
+    return (f"{provisioned.profile}{sample}: {provisioned.train_size} training / {provisioned.test_size} "
+            f"test images at {provisioned.root} (from {provisioned.source})")
+
+
+def _data(args: argparse.Namespace) -> int:
+    print(_describe(_provision(args)))
+    return 0
+
+
+def _reference(args: argparse.Namespace) -> int:
+    from reference import spec
+
+    provisioned = _provision(args)
+    print(f"running the reference on {_describe(provisioned)}")
+    content = spec.generate(provisioned)
+    path = args.out or spec.path_for(provisioned.profile)
+    previous = path.read_text() if path.is_file() else None
+    spec.write(content, path)
+    change = ("identical to the previous spec" if previous == spec.dumps(content)
+              else "new" if previous is None else "CHANGED from the previous spec")
+    print(f"test accuracy {content['test_accuracy']:.4f}; passing threshold "
+          f"{content['thresholds']['saved_model_min_accuracy']:.4f}")
+    print(f"wrote {path} ({change})")
+    return 0
+
+
+def _config(args: argparse.Namespace, out: Path, jobs: int = 1):
+    from grader import batch, pipeline, resources, score
+    from reference import spec
+
+    provisioned = _provision(args)
+    try:
+        rubric = score.load_rubric(args.rubric or resources.RUBRIC_PATH)
+        loaded_spec = spec.load(provisioned.profile)
+    except (OSError, ValueError) as error:
+        raise UserError(str(error)) from None
+    hide = pipeline.hidden_paths() + tuple(p.resolve() for p in getattr(args, "paths", ()))
+    return pipeline.Config(provisioned=provisioned, spec=loaded_spec, rubric=rubric,
+                           runs_dir=(out / ".runs").resolve(), threads=batch.threads_per_job(jobs),
+                           fast_data=args.fast_data, isolation=args.isolation, hide=hide)
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from grader import batch, intake
+
+    if args.jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    submissions = intake.collect(args.paths)
+    if not submissions:
+        raise UserError(f"no notebooks found in {', '.join(map(str, args.paths))}")
+    config = _config(args, args.out, args.jobs)
+    print(f"grading {len(submissions)} submission(s) on {_describe(config.provisioned)}; "
+          f"{args.jobs} worker(s) x {config.threads} thread(s)", file=sys.stderr)
+    results = batch.grade_all(submissions, config, args.out, args.jobs, progress=not args.quiet)
+    graded = [r for r in results if r.status == "graded"]
+    width = max(len(r.submission_id) for r in results)
+    for r in results:
+        shown = f"{r.score:g}/{r.max_score:g}" if r.status == "graded" else f"error: {r.reason}"
+        print(f"{r.submission_id:<{width}}  {shown}")
+    mean = sum(r.score for r in graded) / len(graded) if graded else 0.0
+    print(f"{len(graded)} graded, {len(results) - len(graded)} could not be graded; mean score {mean:.2f}; "
+          f"class summary: {batch.Layout(args.out).summary}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from grader import batch, intake, pipeline
+
+    submissions = intake.collect([args.notebook])
+    if len(submissions) != 1:
+        raise UserError(f"{args.notebook}: expected one notebook, found {len(submissions)}")
+    config = _config(args, args.out)
+    print(f"running {args.notebook} on {_describe(config.provisioned)} ...", file=sys.stderr)
+    result = pipeline.grade(submissions[0], config)
+    layout = batch.Layout(args.out)
+    batch.write_result(result, layout)
+    if result.status == "error":
+        print(f"could not grade {args.notebook}: {result.reason}")
+        return 1
+    for check in result.checks:
+        if check.visibility == "visible":
+            mark = {"passed": "PASS", "partial": "PART", "failed": "FAIL"}[check.status]
+            print(f"{mark}  {check.points:g}/{check.max_points:g}  {check.title}")
+            if check.status != "passed":
+                print(f"      {check.message}")
+            for warning in check.warnings:
+                print(f"      warning: {warning}")
+    hidden = [c for c in result.checks if c.visibility == "hidden"]
+    if hidden:
+        print(f"+ {len(hidden)} hidden check(s), scored by your instructor")
+    print(f"score {result.score:g}/{result.max_score:g}; report: {layout.report(result.submission_id)}")
+    if args.min_score is not None:
+        return 0 if result.score >= args.min_score else 1
+    return 0 if all(c.status == "passed" for c in result.checks if c.visibility == "visible") else 1
+
+
+def _assign(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from grader import assign, intake, pipeline, resources
+
+    instructor = args.instructor or resources.LAB_DIR / "instructor.ipynb"
+    student = args.student or resources.LAB_DIR / "student.ipynb"
+
+    def grade_fn(path: Path) -> tuple[float, float]:
+        with tempfile.TemporaryDirectory() as out:
+            result = pipeline.grade(intake.collect([path])[0], _config(args, Path(out)))
+        return result.score, result.max_score
+
+    try:
+        assign.assign(instructor, student, grade_fn)
+    except assign.AssignError as error:
+        raise UserError(str(error)) from None
+    print(f"wrote {student}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,627 @@
+"""The execute stage: run one notebook cell by cell in a sandboxed kernel and record what happened.
+
+The executor (nbclient's :class:`NotebookClient` driving an :class:`AsyncKernelManager`) runs here,
+outside the sandbox; only the kernel is isolated (see :mod:`grader.sandbox`). Everything recorded
+comes from the executor's own observation (replies, timings, the kernel process's exit status), and
+the executed notebook is written by the executor into ``record_dir``, which the kernel cannot see.
+
+Guarantees, whatever the notebook does:
+
+* every code cell gets a :class:`CellRun` (``ok``/``error``/``timeout``/``kernel-died``/``not-run``);
+* a cell longer than ``cell_timeout`` is interrupted, and killed (the kernel's whole process group,
+  SIGKILL) when it ignores the interrupt for ``INTERRUPT_GRACE`` seconds; the notebook as a whole
+  has ``notebook_timeout``; and a last watchdog kills the kernel if the executor itself is stuck;
+* output is counted as it arrives; past ``output_bytes`` it is dropped, a note says so, and the
+  kernel is stopped. ZMQ's per-message size cap and receive queue bound the executor's memory even
+  against a kernel that sends huge messages on purpose;
+* exceptions of the machinery never escape: they become an :class:`Execution` with a ``reason``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import subprocess
+import tempfile
+import time
+import traceback as _tb
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import nbformat
+
+from grader import sandbox
+from grader.results import CellRun, Execution
+
+INTERRUPT_GRACE = 5.0  # seconds a timed-out cell gets to stop after the interrupt
+STARTUP_TIMEOUT = 60.0  # seconds for the kernel to start and answer
+WATCHDOG_SLACK = 20.0  # beyond the cell timeout + grace: the executor itself must be stuck
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+_NETWORK = re.compile(
+    r"Network is unreachable|Temporary failure in name resolution|Name or service not known|"
+    r"nodename nor servname|No route to host|Failed to establish a new connection|"
+    r"Could not resolve host|unable to resolve host address|URLError|gaierror|"
+    r"Failed to connect to|Connection refused|NewConnectionError|MaxRetryError|"
+    r"Could not fetch URL|No matching distribution found|ConnectionError", re.I)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one notebook. Memory is *virtual* address space per process
+    (RLIMIT_AS): importing torch + torchvision + matplotlib and a small CNN training peaks near
+    3.4 GiB virtual (0.95 GiB resident) on this build, so 6 GiB leaves margin without letting one
+    notebook take the machine. ``processes`` is RLIMIT_NPROC, which counts threads too (an idle
+    ipykernel has about 10; with torch about 15)."""
+
+    cell_timeout: float = 300
+    notebook_timeout: float = 1800
+    memory_bytes: int = 6 << 30
+    processes: int = 256
+    file_size_bytes: int = 256 << 20
+    tmp_bytes: int = 512 << 20
+    output_bytes: int = 2_000_000
+    threads: int = 1
+    cpu_seconds: int | None = None  # default: notebook_timeout + 60
+
+
+class _Stop(Exception):
+    """Internal: the run ends here (kernel dead, killed, or out of time)."""
+
+
+def _strip(text: str | None) -> str | None:
+    return None if text is None else _ANSI.sub("", text)
+
+
+def _first_line(source: str) -> str:
+    for line in source.splitlines():
+        if line.strip():
+            return line.strip()[:120]
+    return ""
+
+
+def _size(obj: Any) -> int:
+    """Bytes an output message adds (strings counted by length; bounded recursion)."""
+    if isinstance(obj, str):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(len(str(k)) + _size(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return sum(_size(v) for v in obj)
+    return 8
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "the kernel stopped answering"
+    sig = None
+    if code < 0:
+        sig = -code
+    elif code > 128:
+        sig = code - 128
+    if sig is not None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        why = {
+            "SIGKILL": "killed (memory, process or time limit, or the out-of-memory killer)",
+            "SIGXCPU": "CPU time limit reached",
+            "SIGXFSZ": "file size limit reached",
+            "SIGSEGV": "segmentation fault",
+            "SIGABRT": "aborted",
+            "SIGBUS": "bus error",
+        }.get(name, "killed by a signal")
+        return f"{why} ({name})"
+    return f"the kernel process exited with code {code} (os._exit / exit from a thread?)"
+
+
+def _make_client_class():
+    """Build the NotebookClient subclass lazily (keeps imports light for callers)."""
+    import zmq
+    import zmq.asyncio
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionComplete, DeadKernelError
+
+    class GradingClient(NotebookClient):
+        """NotebookClient that caps output, kills on ignored interrupts, and records timeouts."""
+
+        def __init__(self, nb, km, *, output_bytes: int, killer, **kw):
+            super().__init__(nb, km=km, **kw)
+            self.output_cap = output_bytes
+            self.output_seen = 0
+            self.output_truncated = False
+            self.timed_out = False
+            self.killed_after_interrupt = False
+            self._killer = killer
+            # Bound what one message and the receive queue can cost this process.
+            self.zmq_context = zmq.asyncio.Context()
+            self.zmq_context.setsockopt(zmq.MAXMSGSIZE, output_bytes + (4 << 20))
+            self.zmq_context.setsockopt(zmq.RCVHWM, 64)
+            self.zmq_context.setsockopt(zmq.LINGER, 0)
+            self.closing = False
+            self.current_cell = None
+
+        async def async_start_new_kernel_client(self):
+            self.kc = self.km.client(context=self.zmq_context)
+            self.kc.start_channels()
+            # A message over MAXMSGSIZE makes ZMQ drop the connection (and silently reconnect):
+            # watch for that, it means the kernel sent more output than the cap at once.
+            self._monitor = self.kc.iopub_channel.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitor_task = asyncio.ensure_future(self._watch_disconnects())
+            await self.kc.wait_for_ready(timeout=self.startup_timeout)
+            self.kc.allow_stdin = False
+            return self.kc
+
+        async def _watch_disconnects(self):
+            from zmq.utils.monitor import parse_monitor_message
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                while True:
+                    event = parse_monitor_message(await self._monitor.recv_multipart())
+                    if event["event"] != zmq.EVENT_DISCONNECTED:
+                        continue
+                    # A dying kernel disconnects too: only a kernel still alive a second later
+                    # has had a message refused for its size.
+                    for _ in range(10):
+                        await asyncio.sleep(0.1)
+                        if self.closing or not await self.km.is_alive():
+                            break
+                    else:
+                        if self.current_cell is not None and not self.output_truncated:
+                            self.output_seen = self.output_cap
+                            self.truncate(self.current_cell)
+
+        def stop_monitor(self):
+            self.closing = True
+            task = getattr(self, "_monitor_task", None)
+            if task is not None:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                self.kc.iopub_channel.socket.disable_monitor()
+            with contextlib.suppress(Exception):
+                self._monitor.close(linger=0)
+
+        async def async_execute_cell(self, cell, cell_index, **kw):
+            self.current_cell = cell
+            try:
+                return await super().async_execute_cell(cell, cell_index, **kw)
+            finally:
+                self.current_cell = None
+
+        # -- output cap -------------------------------------------------------------------
+        def process_message(self, msg, cell, cell_index):
+            if self.output_truncated:
+                if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                    raise CellExecutionComplete()
+                return None
+            if msg["msg_type"] in ("stream", "display_data", "execute_result", "error",
+                                   "update_display_data"):
+                size = _size(msg["content"])
+                if self.output_seen + size > self.output_cap:
+                    room = max(0, self.output_cap - self.output_seen)
+                    if msg["msg_type"] == "stream" and room:
+                        msg["content"]["text"] = msg["content"]["text"][:room]
+                        super().process_message(msg, cell, cell_index)
+                    self.output_seen = self.output_cap
+                    self.truncate(cell)
+                    raise CellExecutionComplete()
+                self.output_seen += size
+            return super().process_message(msg, cell, cell_index)
+
+        def truncate(self, cell):
+            self.output_truncated = True
+            cell.outputs.append(nbformat.v4.new_output(
+                "stream", name="stderr",
+                text=f"\n[labgrader] output truncated: the notebook's output passed the "
+                     f"{self.output_cap}-byte limit, so the rest was dropped and the kernel "
+                     f"was stopped.\n"))
+            self._killer("output limit")
+
+        # -- timeouts -----------------------------------------------------------------------
+        async def _async_handle_timeout(self, timeout, cell=None):
+            """Interrupt; give the cell INTERRUPT_GRACE s to answer, else kill the kernel."""
+            self.timed_out = True
+            with contextlib.suppress(Exception):
+                await self.km.interrupt_kernel()
+            deadline = time.monotonic() + INTERRUPT_GRACE
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    msg = await self.kc.shell_channel.get_msg(timeout=min(left, 0.5))
+                except Exception:
+                    if not await self.kc.is_alive():
+                        raise DeadKernelError("kernel died after the interrupt") from None
+                    continue
+                if msg.get("msg_type") == "execute_reply":
+                    return msg
+            self.killed_after_interrupt = True
+            self._killer("ignored interrupt")
+            raise DeadKernelError("kernel killed after ignoring the interrupt")
+
+    return GradingClient
+
+
+def _kill_group(km, uid: int | None) -> None:
+    """SIGKILL the kernel's process group (bwrap: the whole pid namespace goes with it)."""
+    proc = getattr(getattr(km, "provisioner", None), "process", None)
+    if proc is None:
+        return
+    with contextlib.suppress(OSError):
+        os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        proc.kill()
+    if uid is not None and os.geteuid() == 0 and uid != 0:
+        # Fallback mode: no pid namespace; anything left running as the job's uid goes too.
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.stat(f"/proc/{pid}").st_uid == uid:
+                        os.kill(int(pid), signal.SIGKILL)
+
+
+def _returncode(km) -> int | None:
+    proc = getattr(getattr(km, "provisioner", None), "process", None)
+    if proc is None:
+        return None
+    for _ in range(20):
+        code = proc.poll()
+        if code is not None:
+            return code
+        time.sleep(0.05)
+    return None
+
+
+def _reply_error(reply: dict | None) -> tuple[str | None, str | None]:
+    content = (reply or {}).get("content", {})
+    ename, evalue = content.get("ename", "Error"), content.get("evalue", "")
+    tb = "\n".join(content.get("traceback") or [])
+    return f"{ename}: {evalue}", _strip(tb) or None
+
+
+def _cell_text(cell) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            parts.append(str(out.get("text", ""))[-20000:])
+        elif out.get("output_type") == "error":
+            parts.append(f"{out.get('ename')}: {out.get('evalue')}")
+            parts.append(_strip("\n".join(out.get("traceback", [])))[-20000:])
+    return "\n".join(parts)
+
+
+def _atomic_write(nb, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".executed-", suffix=".ipynb")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            nbformat.write(nb, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def execute(
+    notebook: nbformat.NotebookNode,
+    workdir: Path,
+    record_dir: Path,
+    *,
+    data_root: Path | None = None,
+    limits: Limits = Limits(),
+    prelude: str = "",
+    epilogue: str = "",
+    hide: Sequence[Path] = (),
+    uid: int = 65534,
+    isolation: str = "auto",
+    probe_output: str | None = None,
+) -> Execution:
+    """Run ``notebook`` in a sandboxed kernel with ``workdir`` as its working directory.
+
+    ``prelude`` runs before the first cell and ``epilogue`` after the last (unless the kernel
+    died); neither is recorded as a cell nor saved. ``hide``: host paths the kernel must not see
+    (the ``grader``/``reference`` packages, the checkout holding them and ``record_dir`` are added).
+    ``uid``: the job's unprivileged uid (one per concurrent job: RLIMIT_NPROC counts per uid).
+    ``isolation``: ``auto`` (bubblewrap when it works here), ``bubblewrap`` or ``subprocess``.
+    ``probe_output``: a path relative to ``workdir`` the epilogue writes; reported as ``probe_raw``.
+    """
+    t0 = time.monotonic()
+    workdir, record_dir = Path(workdir).resolve(), Path(record_dir).resolve()
+    try:
+        mode, why = sandbox.choose_mode(isolation)
+    except Exception as e:  # bubblewrap demanded but unavailable
+        return Execution(status="not-run", cells=_not_run(notebook), isolation="none",
+                         seconds=0.0, reason=str(e), workdir=workdir)
+    label = sandbox.ISOLATION_LABELS[mode]
+    if mode == sandbox.SUBPROCESS and why:
+        label = f"{label}; {why}"
+    if mode == sandbox.SUBPROCESS and os.geteuid() == 0 and not sandbox.reachable_by_others(sys.executable):
+        label += f"; runs as root: the interpreter is not reachable for uid {uid}"
+    try:
+        return asyncio.run(_execute(notebook, workdir, record_dir, data_root, limits, prelude,
+                                    epilogue, list(hide), uid, mode, label, probe_output, t0))
+    except BaseException as e:  # noqa: BLE001 - never let the machinery's errors escape
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return Execution(status="not-run", cells=_not_run(notebook), isolation=label,
+                         seconds=time.monotonic() - t0, workdir=workdir,
+                         reason=f"the grader could not run the notebook: {type(e).__name__}: {e}")
+
+
+def _not_run(nb) -> tuple[CellRun, ...]:
+    return tuple(CellRun(index=i, status="not-run", source_head=_first_line(c.source))
+                 for i, c in enumerate(nb.cells) if c.cell_type == "code")
+
+
+async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue, hide, uid,
+                   mode, label, probe_output, t0) -> Execution:
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+    from nbclient.exceptions import DeadKernelError
+
+    nb = nbformat.from_dict(json.loads(json.dumps(nb)))  # our own copy
+    root = os.geteuid() == 0
+    if mode == sandbox.SUBPROCESS and root and not sandbox.reachable_by_others(sys.executable):
+        root = False  # cannot drop to the job uid without namespaces: the label says so
+    job_uid = uid if root else None
+    gid = uid if root else os.getgid()
+    workdir.mkdir(parents=True, exist_ok=True)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    if data_root is not None and mode == sandbox.BUBBLEWRAP:
+        (workdir / "data").mkdir(exist_ok=True)  # mount point for the read-only dataset
+    if root:
+        for p in [workdir, *[q for q in workdir.rglob("*") if not q.is_symlink()]]:
+            os.chown(p, uid, gid)
+
+    job = Path(tempfile.mkdtemp(prefix="lg-"))  # short path: Unix socket names are <108 bytes
+    os.chmod(job, 0o711)
+    ipc = job / "ipc"
+    ipc.mkdir(mode=0o700)
+    if root:
+        os.chown(ipc, uid, gid)
+    config = sandbox.SandboxConfig(
+        workdir=str(workdir), ipc_dir=str(ipc), mode=mode,
+        data_root=str(Path(data_root).resolve()) if data_root is not None else None,
+        hide=tuple(str(Path(h).resolve()) for h in [*hide, record_dir, job / "kernels", job / "runtime",
+                                                    job / "kernel.log"]),
+        uid=uid if root else os.getuid(), gid=gid, drop_uid=root,
+        memory_bytes=limits.memory_bytes, processes=limits.processes,
+        file_size_bytes=limits.file_size_bytes, tmp_bytes=limits.tmp_bytes,
+        cpu_seconds=int(limits.cpu_seconds or limits.notebook_timeout + 60), threads=limits.threads)
+    specdir = job / "kernels" / sandbox.KERNEL_NAME
+    specdir.mkdir(parents=True)
+    (job / "kernels").chmod(0o700)
+    (specdir / "kernel.json").write_text(json.dumps({
+        "argv": sandbox.kernel_command(config), "display_name": "labgrader sandbox",
+        "language": "python", "interrupt_mode": "message", "env": {}}))
+    (job / "runtime").mkdir(mode=0o700)
+    log = open(job / "kernel.log", "wb")  # the kernel's own stderr (size capped by RLIMIT_FSIZE)
+
+    ksm = KernelSpecManager(kernel_dirs=[str(job / "kernels")], ensure_native_kernel=False)
+    km = AsyncKernelManager(kernel_name=sandbox.KERNEL_NAME, kernel_spec_manager=ksm,
+                            transport="ipc", ip=str(ipc / "k"),
+                            connection_file=str(job / "runtime" / "connection.json"))
+    killed: list[str] = []
+    # Without a pid namespace, processes the kernel left behind are found by uid; only a dedicated
+    # job uid is swept (65534 may be shared with unrelated processes).
+    sweep_uid = job_uid if mode == sandbox.SUBPROCESS and job_uid not in (None, 0, 65534) else None
+
+    def killer(why: str) -> None:
+        killed.append(why)
+        _kill_group(km, sweep_uid)
+
+    client = _make_client_class()(
+        nb, km, output_bytes=limits.output_bytes, killer=killer, allow_errors=True,
+        interrupt_on_timeout=True, timeout=int(limits.cell_timeout), startup_timeout=STARTUP_TIMEOUT,
+        iopub_timeout=4, raise_on_iopub_timeout=False, record_timing=False, coalesce_streams=True,
+        kernel_name=sandbox.KERNEL_NAME, resources={"metadata": {"path": str(workdir)}})
+
+    cells: dict[int, CellRun] = {}
+    status, reason = "completed", None
+    probe_error = None
+    kernel_alive = False
+    started = None
+    deadline = t0 + limits.notebook_timeout
+    try:
+        ts = time.monotonic()
+        try:
+            await asyncio.wait_for(km.start_kernel(stdout=subprocess.DEVNULL, stderr=log,
+                                                   stdin=subprocess.DEVNULL), STARTUP_TIMEOUT)
+            await asyncio.wait_for(client.async_start_new_kernel_client(), STARTUP_TIMEOUT + 5)
+        except Exception as e:
+            code = _returncode(km) if km.has_kernel else None
+            log.flush()
+            tail = (job / "kernel.log").read_bytes()[-1500:].decode("utf-8", "replace").strip()
+            raise RuntimeError(f"the kernel did not start ({type(e).__name__}: {e})"
+                               + (f"; {_exit_reason(code)}" if code is not None else "")
+                               + (f"; its last words: {tail}" if tail else ""))
+        started = time.monotonic() - ts
+        kernel_alive = True
+
+        if prelude.strip():
+            reply = await _run_code(client, prelude, limits.cell_timeout, killer)
+            if reply is None or reply["content"].get("status") != "ok":
+                err = _reply_error(reply)[0] if reply else "no reply"
+                raise RuntimeError(f"the grader's set-up code failed in the kernel: {err}")
+
+        stop_at: int | None = None
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            head = _first_line(cell.source)
+            if stop_at is not None:
+                cells[index] = CellRun(index, "not-run", source_head=head)
+                continue
+            if not cell.source.strip():
+                cells[index] = CellRun(index, "ok", source_head=head)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 1:
+                status, reason = "timeout", (f"the notebook time limit ({limits.notebook_timeout:g} s)"
+                                             f" was reached before cell {index}")
+                stop_at = index
+                cells[index] = CellRun(index, "not-run", source_head=head)
+                continue
+            per_cell = min(limits.cell_timeout, left)
+            client.timeout = max(1, int(per_cell))
+            client.timed_out = False
+            replies: list[dict] = []
+            client.on_cell_executed = lambda cell, cell_index, execute_reply: replies.append(execute_reply)
+            c0 = time.monotonic()
+            loop = asyncio.get_running_loop()
+            watchdog = loop.call_later(per_cell + INTERRUPT_GRACE + WATCHDOG_SLACK,
+                                       killer, "watchdog")
+            died = None
+            try:
+                await asyncio.wait_for(
+                    client.async_execute_cell(cell, index, execution_count=client.code_cells_executed + 1),
+                    per_cell + INTERRUPT_GRACE + 2 * WATCHDOG_SLACK)
+            except (DeadKernelError, asyncio.TimeoutError, asyncio.CancelledError) as e:
+                if isinstance(e, asyncio.CancelledError) and not killed:
+                    raise
+                died = e
+            finally:
+                watchdog.cancel()
+            secs = round(time.monotonic() - c0, 3)
+            images = sum(1 for o in cell.get("outputs", [])
+                         if o.get("output_type") in ("display_data", "execute_result")
+                         and any(k.startswith("image/") for k in o.get("data", {})))
+            if client.output_truncated:
+                msg = (f"OutputLimitExceeded: the notebook printed more than "
+                       f"{limits.output_bytes} bytes of output; the kernel was stopped")
+                cells[index] = CellRun(index, "error", secs, msg, None, images, head)
+                status, reason = "output-limit", f"cell {index}: {msg.split(': ', 1)[1]}"
+                stop_at, kernel_alive = index, False
+                killer("output limit")
+            elif client.timed_out and (died is not None or client.killed_after_interrupt):
+                msg = (f"CellTimeout: the cell ran longer than {client.timeout} s and did not stop "
+                       f"when interrupted; the kernel was killed")
+                cells[index] = CellRun(index, "timeout", secs, msg, None, images, head)
+                status, reason = "timeout", f"cell {index}: {msg.split(': ', 1)[1]}"
+                stop_at, kernel_alive = index, False
+            elif died is not None:
+                if "watchdog" in killed:
+                    why = "the grader's watchdog killed the kernel (the executor stopped hearing from it)"
+                    cells[index] = CellRun(index, "timeout", secs, f"CellTimeout: {why}", None, images, head)
+                    status = "timeout"
+                else:
+                    why = _exit_reason(_returncode(km))
+                    cells[index] = CellRun(index, "kernel-died", secs, f"KernelDied: {why}", None,
+                                           images, head)
+                    status = "kernel-died"
+                reason = f"the kernel died during cell {index} ({head!r}): {why}"
+                stop_at, kernel_alive = index, False
+            elif client.timed_out:
+                over_nb = per_cell < limits.cell_timeout
+                limit = f"the notebook time limit ({limits.notebook_timeout:g} s)" if over_nb else \
+                    f"the cell time limit ({limits.cell_timeout:g} s)"
+                cells[index] = CellRun(index, "timeout", secs,
+                                       f"CellTimeout: the cell was interrupted at {limit}", None,
+                                       images, head)
+                if over_nb:
+                    status, reason, stop_at = "timeout", f"{limit} was reached in cell {index}", index
+            else:
+                reply = replies[-1] if replies else None
+                st = (reply or {}).get("content", {}).get("status")
+                if st == "ok":
+                    cells[index] = CellRun(index, "ok", secs, None, None, images, head)
+                elif st == "error":
+                    err, tb = _reply_error(reply)
+                    cells[index] = CellRun(index, "error", secs, err, tb, images, head)
+                else:
+                    cells[index] = CellRun(index, "error", secs, f"NoReply: execute reply status {st!r}",
+                                           None, images, head)
+        if kernel_alive and epilogue.strip():
+            reply = await _run_code(client, epilogue, limits.cell_timeout, killer)
+            if reply is None:
+                probe_error = "the grader's probe got no reply (timed out or the kernel died)"
+            elif reply["content"].get("status") != "ok":
+                err, tb = _reply_error(reply)
+                probe_error = err + ("\n" + tb if tb else "")
+    except _Stop:
+        pass
+    except Exception as e:  # noqa: BLE001
+        status = "not-run" if not cells else "kernel-died"
+        reason = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, RuntimeError):
+            reason += "\n" + "".join(_tb.format_exception(e)[-3:])
+    finally:
+        await _shutdown(client, km, sweep_uid)
+        log.close()
+        shutil.rmtree(job, ignore_errors=True)
+
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and index not in cells:
+            cells[index] = CellRun(index, "not-run", source_head=_first_line(cell.source))
+
+    network = tuple(f"cell {i}: {cells[i].source_head}" for i in sorted(cells)
+                    if _NETWORK.search(_cell_text(nb.cells[i]) + (cells[i].error or ""))
+                    or (cells[i].status != "ok" and _looks_like_download(nb.cells[i].source)
+                        and cells[i].status == "error"))
+    executed = record_dir / "executed.ipynb"
+    try:
+        _atomic_write(nb, executed)
+    except Exception as e:  # noqa: BLE001
+        executed = None
+        reason = (reason + "; " if reason else "") + f"could not save the executed notebook: {e}"
+    raw = None
+    if probe_output:
+        p = workdir / probe_output
+        if p.is_file() and not p.is_symlink():
+            raw = p
+    if status == "completed" and reason is None:
+        timeouts = [i for i, c in cells.items() if c.status == "timeout"]
+        if timeouts:
+            reason = "cells timed out and were interrupted: " + ", ".join(map(str, timeouts))
+    return Execution(
+        status=status, cells=tuple(cells[i] for i in sorted(cells)), isolation=label,
+        seconds=round(time.monotonic() - t0, 3), reason=reason,
+        output_truncated=client.output_truncated, network_blocked=network,
+        executed_notebook=executed, workdir=workdir, probe_raw=raw,
+        probe_error=probe_error)
+
+
+def _looks_like_download(source: str) -> bool:
+    return bool(re.search(r"^\s*[!%]\s*(pip|wget|curl|conda|apt)|download\s*=\s*True|urlretrieve|"
+                          r"requests\.get|urlopen", source, re.M))
+
+
+async def _run_code(client, code: str, timeout: float, killer) -> dict | None:
+    """Run trusted grader code (not a cell); return its execute_reply or None (timeout/death)."""
+    kc = client.kc
+    msg_id = kc.execute(code, silent=False, store_history=False, allow_stdin=False,
+                        stop_on_error=False)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            msg = await kc.shell_channel.get_msg(timeout=min(left, 1.0))
+        except Exception:
+            if not await kc.is_alive():
+                return None
+            continue
+        if msg.get("parent_header", {}).get("msg_id") == msg_id:
+            return msg
+    killer("grader code timed out")
+    return None
+
+
+async def _shutdown(client, km, uid) -> None:
+    with contextlib.suppress(Exception):
+        client.stop_monitor()
+    with contextlib.suppress(Exception):
+        if client.kc is not None:
+            client.kc.stop_channels()
+    try:
+        if km.has_kernel:
+            await asyncio.wait_for(km.shutdown_kernel(now=True), 10)
+    except Exception:  # noqa: BLE001
+        pass
+    _kill_group(km, uid)
+    with contextlib.suppress(Exception):
+        await km.cleanup_resources()
+    with contextlib.suppress(Exception):
+        client.zmq_context.destroy(linger=0)

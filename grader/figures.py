@@ -1,0 +1,182 @@
+"""The report's figures, drawn with matplotlib's Agg renderer and returned as base64 PNG strings.
+
+Each function builds its own :class:`matplotlib.figure.Figure` (no pyplot, so no global state and
+no GUI backend is ever touched) and hands back the PNG's base64 text, ready for
+``<img src="data:image/png;base64,...">``. The images are kept small: a report carries four.
+
+Everything drawn here may come from a student's kernel (their training history, their model's
+weights and predictions), so the inputs are treated as untrusted numbers: non-finite values become
+gaps, over-long series are cut, and labels never reach matplotlib's mathtext parser.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["learning_curves", "weight_images", "confusion_matrix", "misclassified"]
+
+DPI = 90
+MAX_EPOCHS = 500  # points per curve drawn; a longer history is cut
+MAX_SERIES = 8  # curves per panel from one history
+MAX_MISCLASSIFIED = 8
+
+_STUDENT_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                    "#bcbd22")
+_REFERENCE_COLOURS = ("#7f7f7f", "#404040", "#a0a0a0", "#606060", "#b0b0b0", "#303030",
+                      "#909090", "#505050")
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.05)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plain(text: Any, limit: int = 40) -> str:
+    """A label matplotlib shows as typed: no mathtext (``$``), bounded length."""
+    text = str(text)[:limit]
+    return text.replace("\\", "\\\\").replace("$", r"\$")
+
+
+def _series(values: Any) -> np.ndarray:
+    """Floats from an untrusted sequence; anything non-finite or non-numeric becomes NaN (a gap)."""
+    out = []
+    try:
+        items = list(values)[:MAX_EPOCHS]
+    except TypeError:
+        return np.array([], dtype=float)
+    for v in items:
+        try:
+            f = float(v)
+        except (TypeError, ValueError, OverflowError):
+            f = math.nan
+        out.append(f if math.isfinite(f) else math.nan)
+    return np.asarray(out, dtype=float)
+
+
+def _panel_keys(history: Mapping[str, Any] | None, word: str) -> list[str]:
+    if not history:
+        return []
+    return [k for k in history if word in str(k).lower()][:MAX_SERIES]
+
+
+def learning_curves(student: dict[str, list[float]] | None,
+                    reference: dict[str, list[float]]) -> str:
+    """Accuracy and loss per epoch, the student's curves (solid) beside the reference's (dashed).
+
+    Histories are dicts like ``{"train_loss": [...], "train_acc": [...], "val_loss": [...],
+    "val_acc": [...]}``; a key goes to the accuracy panel if its name contains "acc" and to the
+    loss panel if it contains "loss". ``student`` is ``None`` when the probe got no history.
+    """
+    fig = Figure(figsize=(8, 3))
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for ax, word, title in ((acc_ax, "acc", "Accuracy"), (loss_ax, "loss", "Loss")):
+        for who, history, style, colours in (("reference", reference, "--", _REFERENCE_COLOURS),
+                                             ("you", student, "-", _STUDENT_COLOURS)):
+            for i, key in enumerate(_panel_keys(history, word)):
+                y = _series(history[key])  # type: ignore[index]
+                if y.size == 0:
+                    continue
+                x = np.arange(1, y.size + 1)
+                ax.plot(x, y, style, color=colours[i % len(colours)], marker="." if y.size < 30 else None,
+                        linewidth=1.5, label=f"{who}: {_plain(key)}")
+        if student is None:
+            ax.text(0.5, 0.5, "no curves from your train()", transform=ax.transAxes,
+                    ha="center", va="center", color="#b00020", fontsize=9)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=8)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _as_images(array: Any, what: str) -> np.ndarray:
+    """``(N, 28, 28)`` floats from ``(N, 784)``, ``(N, 28, 28)`` or ``(N, 1, 28, 28)``."""
+    a = np.asarray(array, dtype=float)
+    if a.ndim == 2 and a.shape[1] == 784:
+        a = a.reshape(-1, 28, 28)
+    elif a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 3 or a.shape[1:] != (28, 28):
+        raise ValueError(f"{what}: expected (N, 784) or (N, 28, 28) images, got shape {np.shape(array)}")
+    return np.where(np.isfinite(a), a, 0.0)
+
+
+def weight_images(weight: np.ndarray) -> str:
+    """The ten 28x28 images of a (10, 784) first-layer weight matrix, one per class.
+
+    A diverging colour map centred on zero: red pixels push towards the class, blue away from it.
+    """
+    w = np.asarray(weight, dtype=float)
+    if w.shape != (10, 784):
+        raise ValueError(f"weight_images: expected a (10, 784) matrix, got shape {w.shape}")
+    images = _as_images(w, "weight_images")
+    lim = float(np.max(np.abs(images))) or 1.0
+    fig = Figure(figsize=(7.5, 3.2))
+    axes = fig.subplots(2, 5)
+    for digit, (ax, image) in enumerate(zip(axes.flat, images)):
+        ax.imshow(image, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set_title(str(digit), fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return _png(fig)
+
+
+def confusion_matrix(counts: np.ndarray) -> str:
+    """A 10x10 confusion matrix (rows: true class, columns: predicted) with each count written in."""
+    c = np.asarray(counts)
+    if c.shape != (10, 10):
+        raise ValueError(f"confusion_matrix: expected a (10, 10) array, got shape {c.shape}")
+    c = np.where(np.isfinite(c.astype(float)), c, 0).astype(np.int64)
+    fig = Figure(figsize=(5, 4.4))
+    ax = fig.subplots()
+    im = ax.imshow(c, cmap="Blues", interpolation="nearest")
+    top = c.max() if c.size else 0
+    for i in range(10):
+        for j in range(10):
+            ax.text(j, i, str(int(c[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if top and c[i, j] > top / 2 else "black")
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.tick_params(labelsize=8)
+    ax.set_xlabel("predicted", fontsize=9)
+    ax.set_ylabel("true", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def misclassified(images: np.ndarray, labels: Sequence[Any], predicted: Sequence[Any]) -> str:
+    """A few test images the model got wrong, each titled "label → predicted" (at most 8 drawn)."""
+    imgs = _as_images(images, "misclassified")
+    labels = list(labels)
+    predicted = list(predicted)
+    if not (len(imgs) == len(labels) == len(predicted)):
+        raise ValueError(f"misclassified: {len(imgs)} images, {len(labels)} labels and "
+                         f"{len(predicted)} predictions")
+    n = min(len(imgs), MAX_MISCLASSIFIED)
+    cols = max(1, min(n, 4))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(1.7 * cols, 1.9 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, image, label, pred in zip(axes, imgs[:n], labels[:n], predicted[:n]):
+        ax.imshow(image, cmap="gray", interpolation="nearest")
+        ax.set_title(f"{_plain(label, 16)} → {_plain(pred, 16)}", fontsize=9)
+    if n == 0:
+        axes[0].text(0.5, 0.5, "nothing misclassified", ha="center", va="center", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,256 @@
+"""One submission from intake to a scored result.
+
+:func:`run` does the expensive, rubric-independent part (sandbox -> execute -> probe) and keeps what
+it produced in a run directory; :func:`judge` does the rest (checks -> score), so a changed rubric
+regrades from the run directory without executing anything. A run is reused only while its key
+matches: the notebook's hash, the spec, the grading code and the execution settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import numpy as np
+import torch
+
+import grader
+import reference
+from grader import checks, execute, expected, figures, probe, saved_model
+from grader.results import CellRun, Execution, GradeResult, Submission
+from grader.score import Rubric, score
+from reference import data
+from reference.provision import Provisioned
+from reference.spec import Spec
+
+# The code whose change makes a cached run stale: what runs in the kernel, what it is fed, and
+# everything that turns its answers into verdicts.
+_ENGINE_FILES = ("inkernel.py", "probe.py", "execute.py", "sandbox.py", "expected.py", "saved_model.py",
+                 "checks.py")
+
+
+@dataclass(frozen=True)
+class Config:
+    provisioned: Provisioned
+    spec: Spec
+    rubric: Rubric
+    runs_dir: Path  # where run directories are kept; outside every sandbox
+    threads: int = 1
+    fast_data: bool = True
+    seed: int = 0  # seeds torch, numpy and random before the notebook runs
+    isolation: str = "auto"
+    uid: int = 65534
+    hide: tuple[Path, ...] = ()
+
+    def limits(self) -> execute.Limits:
+        return execute.Limits(cell_timeout=self.rubric.cell_timeout,
+                              notebook_timeout=self.rubric.notebook_timeout, threads=self.threads)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What executing one notebook produced, as kept in its run directory."""
+
+    directory: Path
+    execution: Execution
+    plan: probe.Plan
+    answers: dict[str, Any] | None
+    seconds: float
+
+
+@functools.cache
+def engine_digest() -> str:
+    package = Path(grader.__file__).parent
+    digest = hashlib.sha256()
+    for name in _ENGINE_FILES:
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_key(submission: Submission, config: Config) -> dict[str, Any]:
+    return {"notebook_sha256": submission.sha256, "spec_version": config.spec.version,
+            "engine": engine_digest(), "profile": config.provisioned.profile,
+            "fast_data": config.fast_data, "threads": config.threads, "seed": config.seed,
+            "model_file": config.rubric.model_file, "cell_timeout": config.rubric.cell_timeout,
+            "notebook_timeout": config.rubric.notebook_timeout}
+
+
+@functools.cache
+def _dataset(root: str, torchvision_class: str):
+    data_train, data_test = data.load(root, torchvision_class)
+    return data.as_tensors(data_train), data.as_tensors(data_test)
+
+
+def dataset(config: Config):
+    return _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
+
+
+def grade(submission: Submission, config: Config, reuse: bool = True) -> GradeResult:
+    """Grade one submission, reusing its run when nothing that decides the run has changed."""
+    if submission.error is not None:
+        return _error_result(submission, config, submission.error)
+    started = time.monotonic()
+    try:
+        cached = load_run(submission, config) if reuse else None
+        the_run = cached or run(submission, config)
+        return judge(submission, the_run, config, seconds=time.monotonic() - started)
+    except Exception as error:  # one notebook that breaks the grader must not stop a class's batch
+        return _error_result(submission, config, f"the grader failed on this notebook "
+                             f"({type(error).__name__}: {error}); please report it")
+
+
+def run(submission: Submission, config: Config) -> Run:
+    started = time.monotonic()
+    directory = config.runs_dir / submission.id
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    (train, test) = dataset(config)
+    plan = probe.make_plan(train, test)
+    with tempfile.TemporaryDirectory(prefix="labgrader-work-") as work:
+        workdir = Path(work)
+        plan_path, answers_path = probe.write_inputs(plan, workdir)
+        notebook = nbformat.reads(submission.notebook.decode(), as_version=4)
+        execution = execute.execute(
+            notebook, workdir, directory, data_root=config.provisioned.root, limits=config.limits(),
+            prelude=probe.prelude_code(config.seed, config.threads, config.fast_data),
+            epilogue=probe.probe_code(plan_path, answers_path), hide=config.hide + (config.runs_dir,),
+            uid=config.uid, isolation=config.isolation, probe_output=answers_path.name)
+        answers = probe.read(answers_path, plan)
+        _copy_model_file(workdir / config.rubric.model_file, directory / "model.pt")
+    execution = dataclasses.replace(execution, workdir=None, fast_data=config.fast_data)
+    the_run = Run(directory, execution, plan, answers, time.monotonic() - started)
+    _save_run(the_run, run_key(submission, config))
+    return the_run
+
+
+def _copy_model_file(source: Path, target: Path) -> None:
+    """Keep the student's model file for inspection: a regular file only (never a link or a pipe
+    they planted), and no more than one byte past the size limit, enough to report it as too big."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    with os.fdopen(fd, "rb") as model_file:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            target.write_bytes(model_file.read(saved_model.MAX_FILE_BYTES + 1))
+
+
+def _save_run(the_run: Run, key: dict[str, Any]) -> None:
+    directory = the_run.directory
+    np.savez(directory / "plan.npz", **the_run.plan.arrays)
+    _write_json(directory / "run.json", {
+        "execution": _execution_json(the_run.execution), "answers": the_run.answers,
+        "plan": {"seed": the_run.plan.seed, "nonce": the_run.plan.nonce,
+                 "data_indices": the_run.plan.data_indices},
+        "seconds": the_run.seconds})
+    # Written last: a run without its key (an interrupted one) is never reused.
+    _write_json(directory / "key.json", key)
+
+
+def load_run(submission: Submission, config: Config) -> Run | None:
+    directory = config.runs_dir / submission.id
+    try:
+        if json.loads((directory / "key.json").read_text()) != run_key(submission, config):
+            return None
+        saved = json.loads((directory / "run.json").read_text())
+        with np.load(directory / "plan.npz", allow_pickle=False) as arrays:
+            plan = probe.Plan(arrays={k: arrays[k] for k in arrays.files}, **saved["plan"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Run(directory, _execution_from_json(saved["execution"], directory), plan, saved["answers"],
+               saved["seconds"])
+
+
+def judge(submission: Submission, the_run: Run, config: Config, seconds: float = 0.0) -> GradeResult:
+    train, test = dataset(config)
+    inspected = saved_model.inspect(the_run.directory / "model.pt", *test, name=config.rubric.model_file)
+    notebook_path = the_run.directory / "executed.ipynb"
+    notebook = nbformat.read(notebook_path, as_version=4) if notebook_path.is_file() else None
+    evidence = checks.Evidence(spec=config.spec, execution=the_run.execution, saved_model=inspected,
+                               expected=expected.compute(the_run.plan, train, test), probe=the_run.answers,
+                               notebook=notebook, model_filename=config.rubric.model_file)
+    scored = score(checks.run_checks(evidence, config.rubric.names), config.rubric)
+    history = (the_run.answers or {}).get("history")
+    return GradeResult(
+        submission_id=submission.id, source=submission.source, status="graded",
+        score=round(sum(c.points for c in scored), 4), max_score=config.rubric.max_score,
+        notebook_sha256=submission.sha256, checks=scored, cells=the_run.execution.cells,
+        execution_status=the_run.execution.status, reason=the_run.execution.reason,
+        output_truncated=the_run.execution.output_truncated,
+        network_blocked=the_run.execution.network_blocked,
+        isolation=the_run.execution.isolation, fast_data=the_run.execution.fast_data,
+        data_profile=config.provisioned.profile, spec_version=config.spec.version,
+        rubric_sha256=config.rubric.sha256, seconds=round(seconds or the_run.seconds, 3),
+        graded_at=_now(), figures=_figures(the_run, inspected, test, config),
+        student_history=history if isinstance(history, dict) else None,
+        reference_history=config.spec.content["history"])
+
+
+def _figures(the_run: Run, inspected: saved_model.SavedModel, test, config: Config) -> dict[str, str]:
+    """The report's pictures; they depend on the run only, so they are drawn once and kept."""
+    kept = the_run.directory / "figures.json"
+    try:
+        return json.loads(kept.read_text())
+    except (OSError, ValueError):
+        pass
+    history = (the_run.answers or {}).get("history")
+    drawn = {"learning_curves": figures.learning_curves(history if isinstance(history, dict) else None,
+                                                        config.spec.content["history"])}
+    if inspected.first_layer is not None:
+        drawn["weights"] = figures.weight_images(np.array(inspected.first_layer))
+        drawn["confusion"] = figures.confusion_matrix(np.array(inspected.confusion))
+        if inspected.misclassified:
+            index = [m["index"] for m in inspected.misclassified]
+            drawn["misclassified"] = figures.misclassified(
+                test[0][index].squeeze(1).numpy(), [m["label"] for m in inspected.misclassified],
+                [m["predicted"] for m in inspected.misclassified])
+    _write_json(kept, drawn)
+    return drawn
+
+
+def _error_result(submission: Submission, config: Config, reason: str) -> GradeResult:
+    return GradeResult(submission_id=submission.id, source=submission.source, status="error", score=0.0,
+                       max_score=config.rubric.max_score, notebook_sha256=submission.sha256, reason=reason,
+                       data_profile=config.provisioned.profile, spec_version=config.spec.version,
+                       rubric_sha256=config.rubric.sha256, graded_at=_now())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _execution_json(execution: Execution) -> dict[str, Any]:
+    raw = dataclasses.asdict(execution)
+    for key in ("executed_notebook", "workdir", "probe_raw"):
+        raw[key] = None
+    return raw
+
+
+def _execution_from_json(raw: dict[str, Any], directory: Path) -> Execution:
+    fields = {**raw, "cells": tuple(CellRun(**c) for c in raw["cells"]),
+              "network_blocked": tuple(raw.get("network_blocked", ())),
+              "executed_notebook": directory / "executed.ipynb"}
+    return Execution(**fields)
+
+
+def _write_json(path: Path, content: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content))
+    os.replace(tmp, path)
+
+
+def hidden_paths() -> tuple[Path, ...]:
+    """What student code must never see: the grader and the reference (specs included)."""
+    return tuple(Path(module.__file__).resolve().parent for module in (grader, reference))

@@ -1,0 +1,121 @@
+"""The plain records each stage hands to the next.
+
+Everything is frozen: a later stage builds a new record rather than changing an earlier one.
+The JSON written for a submission is :func:`GradeResult.to_json`; its schema is documented in
+``docs/result-schema.md`` and versioned by :data:`SCHEMA_VERSION`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SCHEMA_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One notebook as intake found it; ``error`` is set when it cannot be graded."""
+
+    id: str
+    source: str
+    notebook: bytes | None = None
+    sha256: str | None = None
+    error: str | None = None
+
+
+CellStatus = Literal["ok", "error", "timeout", "kernel-died", "not-run", "skipped"]
+
+
+@dataclass(frozen=True)
+class CellRun:
+    index: int
+    status: CellStatus
+    seconds: float = 0.0
+    error: str | None = None  # "ZeroDivisionError: division by zero"
+    traceback: str | None = None  # plain text, ANSI colours removed
+    images: int = 0  # image outputs the cell displayed
+    source_head: str = ""  # first line of the cell, to name it in feedback
+
+
+@dataclass(frozen=True)
+class Execution:
+    """What running the notebook did, as recorded by the trusted executor outside the sandbox."""
+
+    status: Literal["completed", "kernel-died", "timeout", "output-limit", "not-run"]
+    cells: tuple[CellRun, ...]
+    isolation: str  # "bubblewrap" or "subprocess (weaker: no namespaces)"
+    seconds: float
+    reason: str | None = None
+    output_truncated: bool = False
+    network_blocked: tuple[str, ...] = ()  # cells whose error shows a blocked download / pip
+    executed_notebook: Path | None = None
+    workdir: Path | None = None
+    probe_raw: Path | None = None  # the probe's output file, if the probe ran
+    probe_error: str | None = None  # the epilogue (probe) code's error text, if it failed
+    fast_data: bool = False
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """A check's verdict: ``fraction`` of its points earned (0..1) and what to tell the student."""
+
+    name: str
+    fraction: float
+    message: str
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScoredCheck:
+    name: str
+    title: str
+    points: float
+    max_points: float
+    status: Literal["passed", "partial", "failed"]
+    message: str
+    visibility: Literal["visible", "hidden"]
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    submission_id: str
+    source: str
+    status: Literal["graded", "error"]
+    score: float
+    max_score: float
+    notebook_sha256: str | None = None
+    reason: str | None = None
+    checks: tuple[ScoredCheck, ...] = ()
+    cells: tuple[CellRun, ...] = ()
+    execution_status: str | None = None
+    isolation: str | None = None
+    output_truncated: bool = False  # copied from Execution, for the report
+    network_blocked: tuple[str, ...] = ()  # copied from Execution, for the report
+    fast_data: bool = False
+    data_profile: str | None = None
+    spec_version: str | None = None
+    rubric_sha256: str | None = None
+    seconds: float = 0.0
+    graded_at: str = ""
+    # For the report only (never for the score): the learning curves the student's train() produced
+    # in the probe, the reference's, and the saved model's figures (base64 PNG).
+    figures: dict[str, str] = field(default_factory=dict)
+    student_history: dict[str, list[float]] | None = None
+    reference_history: dict[str, list[float]] | None = None
+    schema_version: str = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "GradeResult":
+        data = dict(data)
+        data["checks"] = tuple(ScoredCheck(**{**c, "warnings": tuple(c.get("warnings", ()))})
+                               for c in data.get("checks", ()))
+        data["cells"] = tuple(CellRun(**c) for c in data.get("cells", ()))
+        if "network_blocked" in data:
+            data["network_blocked"] = tuple(data["network_blocked"])
+        return cls(**data)

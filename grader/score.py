@@ -1,0 +1,84 @@
+"""Turn check results into points with the instructor's rubric (``lab/rubric.toml``)."""
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from grader.checks import CHECKS
+from grader.results import CheckResult, ScoredCheck
+
+
+class RubricError(ValueError):
+    """The rubric file is not usable; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class RubricEntry:
+    name: str
+    title: str
+    points: float
+    visibility: str
+    partial: bool
+
+
+@dataclass(frozen=True)
+class Rubric:
+    path: Path
+    sha256: str
+    title: str
+    model_file: str
+    cell_timeout: float
+    notebook_timeout: float
+    entries: tuple[RubricEntry, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [entry.name for entry in self.entries]
+
+    @property
+    def max_score(self) -> float:
+        return sum(entry.points for entry in self.entries)
+
+
+def load_rubric(path: Path) -> Rubric:
+    raw = path.read_bytes()
+    try:
+        document = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise RubricError(f"{path}: not valid TOML: {error}") from None
+    checks = document.get("checks")
+    if not isinstance(checks, dict) or not checks:
+        raise RubricError(f"{path}: no [checks.NAME] tables")
+    entries = []
+    for name, table in checks.items():
+        if name not in CHECKS:
+            raise RubricError(f"{path}: [checks.{name}] names no check; known checks: {', '.join(CHECKS)}")
+        points = table.get("points")
+        if not isinstance(points, (int, float)) or isinstance(points, bool) or points < 0:
+            raise RubricError(f"{path}: [checks.{name}] points must be a non-negative number")
+        visibility = table.get("visibility", "visible")
+        if visibility not in ("visible", "hidden"):
+            raise RubricError(f"{path}: [checks.{name}] visibility must be \"visible\" or \"hidden\"")
+        entries.append(RubricEntry(name, str(table.get("title", name)), float(points), visibility,
+                                   bool(table.get("partial", False))))
+    rubric, limits = document.get("rubric", {}), document.get("limits", {})
+    return Rubric(path=path, sha256=hashlib.sha256(raw).hexdigest(),
+                  title=str(rubric.get("title", "Lab")), model_file=str(rubric.get("model_file", "mnist_cnn.pt")),
+                  cell_timeout=float(limits.get("cell_timeout", 120)),
+                  notebook_timeout=float(limits.get("notebook_timeout", 900)), entries=tuple(entries))
+
+
+def score(results: list[CheckResult], rubric: Rubric) -> tuple[ScoredCheck, ...]:
+    by_name = {result.name: result for result in results}
+    scored = []
+    for entry in rubric.entries:
+        result = by_name[entry.name]
+        fraction = min(max(result.fraction, 0.0), 1.0)
+        earned = fraction if entry.partial else float(fraction >= 1.0)
+        status = "passed" if earned >= 1.0 else "partial" if earned > 0 else "failed"
+        scored.append(ScoredCheck(name=entry.name, title=entry.title, points=round(entry.points * earned, 4),
+                                  max_points=entry.points, status=status, message=result.message,
+                                  visibility=entry.visibility, warnings=result.warnings))
+    return tuple(scored)

@@ -1,0 +1,1 @@
+"""The lab done right, usable as a library: data, model, training, plots, offline datasets, specs."""

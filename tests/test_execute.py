@@ -1,0 +1,247 @@
+"""The execute stage against real kernels (nbclient + ipykernel, sandboxed when bubblewrap works).
+
+Each test builds a small notebook, runs it through :func:`grader.execute.execute` and checks what the
+executor recorded, never what the kernel claims.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat import v4
+
+from grader.execute import INTERRUPT_GRACE, Limits, execute
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = Limits(cell_timeout=20, notebook_timeout=120)
+PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def notebook(*sources: str) -> nbformat.NotebookNode:
+    return v4.new_notebook(cells=[v4.new_code_cell(s) for s in sources])
+
+
+def run(tmp_path: Path, *sources: str, **kw):
+    kw.setdefault("limits", FAST)
+    nb = kw.pop("nb", None) or notebook(*sources)
+    return execute(nb, tmp_path / "work", tmp_path / "record", **kw)
+
+
+def saved(ex) -> nbformat.NotebookNode:
+    return nbformat.read(str(ex.executed_notebook), as_version=4)
+
+
+def test_normal_notebook_is_recorded_cell_by_cell(tmp_path):
+    nb = v4.new_notebook(cells=[
+        v4.new_markdown_cell("# A lab"),
+        v4.new_code_cell("x = 21\nprint('hello')"),
+        v4.new_code_cell(f"from IPython.display import Image, display\n"
+                         f"import base64\ndisplay(Image(data=base64.b64decode('{PNG}')))"),
+        v4.new_code_cell(""),
+        v4.new_code_cell("# answer\nx * 2"),
+    ])
+    ex = run(tmp_path, nb=nb)
+    assert ex.status == "completed", ex.reason
+    assert [c.index for c in ex.cells] == [1, 2, 3, 4]
+    assert all(c.status == "ok" for c in ex.cells)
+    assert ex.cells[0].source_head == "x = 21"
+    assert ex.cells[1].images == 1
+    assert ex.cells[3].source_head == "# answer"
+    out = saved(ex)
+    assert out.cells[1].outputs[0]["text"] == "hello\n"
+    assert out.cells[4].outputs[0]["data"]["text/plain"] == "42"
+    assert ex.executed_notebook == (tmp_path / "record" / "executed.ipynb").resolve()
+    assert ex.reason is None and not ex.output_truncated and ex.network_blocked == ()
+
+
+def test_failing_cell_is_recorded_and_later_cells_still_run(tmp_path):
+    ex = run(tmp_path, "a = 1", "1 / 0", "b = a + 1\nprint(b)", "undefined_name")
+    assert ex.status == "completed"
+    assert [c.status for c in ex.cells] == ["ok", "error", "ok", "error"]
+    assert ex.cells[1].error == "ZeroDivisionError: division by zero"
+    assert "\x1b[" not in ex.cells[1].traceback and "----> 1 1 / 0" in ex.cells[1].traceback
+    assert ex.cells[3].error == "NameError: name 'undefined_name' is not defined"
+    assert saved(ex).cells[2].outputs[0]["text"] == "2\n"
+
+
+def test_sys_exit_is_an_error_not_a_death(tmp_path):
+    ex = run(tmp_path, "import sys; sys.exit(3)", "print('still here')")
+    assert [c.status for c in ex.cells] == ["error", "ok"]
+    assert ex.cells[0].error.startswith("SystemExit")
+
+
+def test_stderr_and_warnings_are_not_failures(tmp_path):
+    ex = run(tmp_path, "import sys, warnings\nprint('careful', file=sys.stderr)\n"
+                       "warnings.warn('deprecated thing', DeprecationWarning)\n"
+                       "warnings.warn('user warning')", "print('next')")
+    assert [c.status for c in ex.cells] == ["ok", "ok"], ex.cells
+    text = "".join(o.get("text", "") for o in saved(ex).cells[0].outputs)
+    assert "careful" in text and "user warning" in text
+
+
+def test_endless_loop_times_out_and_later_cells_run(tmp_path):
+    limits = Limits(cell_timeout=2, notebook_timeout=60)
+    t0 = time.monotonic()
+    ex = run(tmp_path, "n = 0", "while True:\n    n += 1", "print('after', n > 0)", limits=limits)
+    assert [c.status for c in ex.cells] == ["ok", "timeout", "ok"]
+    assert "interrupted" in ex.cells[1].error
+    assert 2 <= ex.cells[1].seconds < 2 + INTERRUPT_GRACE
+    assert saved(ex).cells[2].outputs[0]["text"] == "after True\n"
+    assert ex.status == "completed" and "timed out" in ex.reason
+    assert time.monotonic() - t0 < 30
+
+
+def test_notebook_deadline_stops_the_run(tmp_path):
+    limits = Limits(cell_timeout=30, notebook_timeout=4)
+    ex = run(tmp_path, "import time; time.sleep(60)", "print('never')", limits=limits)
+    assert ex.status == "timeout"
+    assert [c.status for c in ex.cells] == ["timeout", "not-run"]
+    assert "notebook time limit" in ex.reason
+
+
+@pytest.mark.slow
+def test_cell_ignoring_sigint_is_killed_by_the_outer_deadline(tmp_path):
+    limits = Limits(cell_timeout=2, notebook_timeout=60)
+    t0 = time.monotonic()
+    ex = run(tmp_path, "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                       "while True:\n    pass", "print('never')", limits=limits)
+    elapsed = time.monotonic() - t0
+    assert ex.status == "timeout"
+    assert [c.status for c in ex.cells] == ["timeout", "not-run"]
+    assert "did not stop when interrupted" in ex.cells[0].error
+    assert elapsed < 2 + INTERRUPT_GRACE + 15, elapsed
+    assert saved(ex).cells[1].get("outputs") == []
+
+
+def test_os_exit_is_recorded_as_kernel_death_at_that_cell(tmp_path):
+    ex = run(tmp_path, "print('one')", "import os\nos._exit(1)", "print('never')",
+             epilogue="open('probe.json', 'w').write('{}')", probe_output="probe.json")
+    assert ex.status == "kernel-died"
+    assert [c.status for c in ex.cells] == ["ok", "kernel-died", "not-run"]
+    assert "exited with code 1" in ex.cells[1].error
+    assert "cell 1" in ex.reason and "os._exit(1)" in ex.reason or "import os" in ex.reason
+    assert ex.probe_raw is None and ex.probe_error is None  # no epilogue after a death
+
+
+def test_segfault_is_recorded_with_its_signal(tmp_path):
+    ex = run(tmp_path, "import ctypes\nctypes.string_at(0)", "print('never')")
+    assert [c.status for c in ex.cells] == ["kernel-died", "not-run"]
+    assert "SIGSEGV" in ex.cells[0].error
+
+
+def _executor_peak_rss(tmp_path: Path, source: str, output_bytes: int = 2_000_000) -> dict:
+    """Run execute() in a fresh process and report its own peak RSS (the executor's memory)."""
+    script = textwrap.dedent(f"""
+        import json, resource, sys
+        from pathlib import Path
+        from nbformat import v4
+        sys.path.insert(0, {str(REPO)!r})
+        from grader.execute import execute, Limits
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        nb = v4.new_notebook(cells=[v4.new_code_cell("print('start')"),
+                                    v4.new_code_cell({source!r}), v4.new_code_cell("print(2)")])
+        ex = execute(nb, Path({str(tmp_path / 'work')!r}), Path({str(tmp_path / 'record')!r}),
+                     limits=Limits(cell_timeout=30, output_bytes={output_bytes}))
+        print(json.dumps({{"before_kb": before,
+                          "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                          "status": ex.status, "truncated": ex.output_truncated,
+                          "cells": [c.status for c in ex.cells], "reason": ex.reason,
+                          "error": ex.cells[1].error, "saved": str(ex.executed_notebook)}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_gigabyte_of_output_is_capped_and_the_executor_stays_small(tmp_path):
+    # 10**6 lines of 1000 characters: a gigabyte if nothing stopped it.
+    r = _executor_peak_rss(tmp_path, "for i in range(10**6):\n    print('x' * 1000)")
+    assert r["status"] == "output-limit" and r["truncated"], r
+    assert r["cells"] == ["ok", "error", "not-run"]
+    assert r["error"].startswith("OutputLimitExceeded")
+    assert (r["peak_kb"] - r["before_kb"]) < 250 * 1024, r  # executor grew by < 250 MB
+    nb = nbformat.read(r["saved"], as_version=4)
+    text = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    assert "output truncated" in text
+    assert len(json.dumps(nb)) < 3_000_000
+    assert Path(r["saved"]).stat().st_size < 3_000_000
+
+
+def test_many_small_outputs_are_capped_with_a_note(tmp_path):
+    limits = Limits(cell_timeout=20, output_bytes=50_000)
+    ex = run(tmp_path, "import sys, time\nfor i in range(2000):\n    print(i, 'y' * 100)\n"
+                       "    sys.stdout.flush(); time.sleep(0.001)", "print('never')", limits=limits)
+    assert ex.status == "output-limit" and ex.output_truncated
+    assert [c.status for c in ex.cells] == ["error", "not-run"]
+    outs = saved(ex).cells[0].outputs
+    text = "".join(o.get("text", "") for o in outs)
+    assert "output truncated" in text and "50000-byte limit" in text
+    assert len(text) < 50_000 + 1_000
+    assert text.startswith("0 yyy")
+
+
+def test_prelude_and_epilogue_run_and_are_not_cells(tmp_path):
+    ex = run(tmp_path, "print(SEED)", "result = SEED * 2",
+             prelude="SEED = 7", probe_output="probe.json",
+             epilogue="import json\njson.dump({'result': result}, open('probe.json', 'w'))")
+    assert ex.status == "completed" and [c.status for c in ex.cells] == ["ok", "ok"]
+    assert len(ex.cells) == 2 and ex.probe_error is None
+    assert json.loads(ex.probe_raw.read_text()) == {"result": 14}
+    nb = saved(ex)
+    assert len(nb.cells) == 2 and nb.cells[0].outputs[0]["text"] == "7\n"
+    assert "SEED = 7" not in json.dumps(nb)
+
+
+def test_failing_epilogue_sets_probe_error(tmp_path):
+    ex = run(tmp_path, "x = 1", epilogue="student_function_that_is_missing()")
+    assert ex.status == "completed"
+    assert ex.probe_error.startswith("NameError: name 'student_function_that_is_missing'")
+    assert ex.probe_raw is None
+
+
+def test_failing_prelude_is_a_clear_reason(tmp_path):
+    ex = run(tmp_path, "x = 1", prelude="raise RuntimeError('setup broke')")
+    assert ex.status == "not-run"
+    assert "set-up code failed" in ex.reason and "setup broke" in ex.reason
+    assert [c.status for c in ex.cells] == ["not-run"]
+
+
+def test_blocked_download_is_recorded(tmp_path):
+    # Nothing here leaves the machine: inside the sandbox 127.0.0.1 is the sandbox's own loopback
+    # with nothing listening; outside it (subprocess mode) the port is one we just found free.
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    ex = run(tmp_path, "print('ok')",
+             f"!{sys.executable} -m pip download --no-deps --retries 0 --timeout 3 "
+             f"--index-url http://127.0.0.1:{port}/simple -d /tmp/x some-package",
+             f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=3)",
+             "print('fine')")
+    assert [c.status for c in ex.cells] == ["ok", "ok", "error", "ok"]  # ! commands don't raise
+    assert len(ex.network_blocked) == 2, ex.network_blocked
+    assert ex.network_blocked[0].startswith("cell 1:") and ex.network_blocked[1].startswith("cell 2:")
+
+
+def test_machinery_failure_becomes_a_reason(tmp_path):
+    blocker = tmp_path / "record"
+    blocker.write_text("a file where the record dir should be")
+    ex = execute(notebook("print(1)"), tmp_path / "work", blocker, limits=FAST)
+    assert ex.status == "not-run" and "could not run" in ex.reason
+
+
+def test_fallback_subprocess_records_weaker_isolation(tmp_path):
+    ex = run(tmp_path, "import os\nprint(os.getcwd())", "1/0", "print('after')",
+             isolation="subprocess")
+    assert ex.isolation.startswith("subprocess (weaker: no namespaces)")
+    assert [c.status for c in ex.cells] == ["ok", "error", "ok"]
+    assert saved(ex).cells[0].outputs[0]["text"].strip() == str((tmp_path / "work").resolve())

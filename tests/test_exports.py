@@ -1,0 +1,309 @@
+"""The run's exports: gradebook CSV, Gradescope results.json, JUnit XML."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jsonschema
+import pytest
+from lxml import etree
+
+import factories as f
+from grader.export import gradebook_csv, junit_xml, write_exports
+
+# Gradescope's results.json, written from its autograder specification
+# (https://gradescope-autograders.readthedocs.io/en/latest/specs/, "Output format"): every key
+# the spec documents, and no other.
+VISIBILITY = {"enum": ["hidden", "after_due_date", "after_published", "visible"]}
+FORMAT = {"enum": ["text", "html", "simple_format", "md", "ansi"]}
+GRADESCOPE_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "anyOf": [{"required": ["score"]},
+              {"required": ["tests"], "properties": {"tests": {"items": {"required": ["score"]}}}}],
+    "properties": {
+        "score": {"type": "number"},
+        "execution_time": {"type": "number", "minimum": 0},
+        "output": {"type": "string"},
+        "output_format": FORMAT,
+        "test_output_format": FORMAT,
+        "test_name_format": FORMAT,
+        "visibility": VISIBILITY,
+        "stdout_visibility": VISIBILITY,
+        "extra_data": {"type": "object"},
+        "tests": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "score": {"type": "number"},
+                    "max_score": {"type": "number", "minimum": 0},
+                    "status": {"enum": ["passed", "failed"]},
+                    "name": {"type": "string"},
+                    "name_format": FORMAT,
+                    "number": {"type": "string"},
+                    "output": {"type": "string"},
+                    "output_format": FORMAT,
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                    "visibility": VISIBILITY,
+                    "extra_data": {"type": "object"},
+                },
+            },
+        },
+        "leaderboard": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name", "value"],
+                      "properties": {"name": {"type": "string"},
+                                     "value": {"type": ["number", "string"]},
+                                     "order": {"enum": ["asc", "desc"]}}},
+        },
+    },
+}
+# What this project promises on top of the spec: every test has these, with these values.
+LABGRADER_TEST = {
+    "type": "object",
+    "required": ["name", "score", "max_score", "status", "output", "visibility"],
+    "properties": {"visibility": {"enum": ["visible", "hidden"]}},
+}
+
+# The JUnit XML that CI servers (Jenkins, GitLab, GitHub actions) read, as the Ant task writes it:
+# <testsuites> of <testsuite>s with their counts, each holding <testcase>s that may carry one
+# <failure>, <error> or <skipped>. Written for these tests, after the Ant/Jenkins format.
+JUNIT_XSD = b"""<?xml version="1.0" encoding="UTF-8"?>
+<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
+  <xs:complexType name="problem">
+    <xs:simpleContent>
+      <xs:extension base="xs:string">
+        <xs:attribute name="message" type="xs:string"/>
+        <xs:attribute name="type" type="xs:string" use="required"/>
+      </xs:extension>
+    </xs:simpleContent>
+  </xs:complexType>
+  <xs:complexType name="testcase">
+    <xs:choice minOccurs="0">
+      <xs:element name="skipped" type="xs:string"/>
+      <xs:element name="error" type="problem"/>
+      <xs:element name="failure" type="problem"/>
+    </xs:choice>
+    <xs:attribute name="name" type="xs:string" use="required"/>
+    <xs:attribute name="classname" type="xs:string" use="required"/>
+    <xs:attribute name="time" type="xs:decimal" use="required"/>
+  </xs:complexType>
+  <xs:complexType name="testsuite">
+    <xs:sequence>
+      <xs:element name="properties" minOccurs="0">
+        <xs:complexType>
+          <xs:sequence>
+            <xs:element name="property" minOccurs="0" maxOccurs="unbounded">
+              <xs:complexType>
+                <xs:attribute name="name" type="xs:string" use="required"/>
+                <xs:attribute name="value" type="xs:string" use="required"/>
+              </xs:complexType>
+            </xs:element>
+          </xs:sequence>
+        </xs:complexType>
+      </xs:element>
+      <xs:element name="testcase" type="testcase" minOccurs="0" maxOccurs="unbounded"/>
+      <xs:element name="system-out" type="xs:string" minOccurs="0"/>
+      <xs:element name="system-err" type="xs:string" minOccurs="0"/>
+    </xs:sequence>
+    <xs:attribute name="name" type="xs:string" use="required"/>
+    <xs:attribute name="package" type="xs:string"/>
+    <xs:attribute name="id" type="xs:int"/>
+    <xs:attribute name="hostname" type="xs:string"/>
+    <xs:attribute name="timestamp">
+      <xs:simpleType>
+        <xs:restriction base="xs:dateTime">
+          <xs:pattern value="[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"/>
+        </xs:restriction>
+      </xs:simpleType>
+    </xs:attribute>
+    <xs:attribute name="tests" type="xs:nonNegativeInteger" use="required"/>
+    <xs:attribute name="failures" type="xs:nonNegativeInteger" use="required"/>
+    <xs:attribute name="errors" type="xs:nonNegativeInteger" use="required"/>
+    <xs:attribute name="skipped" type="xs:nonNegativeInteger"/>
+    <xs:attribute name="time" type="xs:decimal" use="required"/>
+  </xs:complexType>
+  <xs:element name="testsuites">
+    <xs:complexType>
+      <xs:sequence>
+        <xs:element name="testsuite" type="testsuite" minOccurs="0" maxOccurs="unbounded"/>
+      </xs:sequence>
+      <xs:attribute name="name" type="xs:string"/>
+      <xs:attribute name="tests" type="xs:nonNegativeInteger"/>
+      <xs:attribute name="failures" type="xs:nonNegativeInteger"/>
+      <xs:attribute name="errors" type="xs:nonNegativeInteger"/>
+      <xs:attribute name="time" type="xs:decimal"/>
+    </xs:complexType>
+  </xs:element>
+</xs:schema>
+"""
+
+HIDDEN_MARK = "HIDDEN"  # every hidden check's message in the factories carries it
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return f.cohort() + [f.hostile()]
+
+
+@pytest.fixture(scope="module")
+def out(cohort, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports")
+    write_exports(cohort, out, f.RUBRIC_CHECK_NAMES)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# gradebook.csv
+
+def test_gradebook_has_a_row_per_submission_and_a_column_per_check(cohort, out):
+    with open(out / "gradebook.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        header = reader.fieldnames
+    assert header[:4] == ["submission_id", "source", "status", "reason"]
+    assert header[4:4 + len(f.RUBRIC_CHECK_NAMES)] == f.RUBRIC_CHECK_NAMES
+    assert "total" in header and "max_score" in header
+    assert [r["submission_id"] for r in rows] == [r.submission_id for r in cohort]
+    for result, row in zip(cohort, rows):
+        assert row["status"] == result.status
+        if result.status == "graded":
+            for c in result.checks:
+                assert float(row[c.name]) == pytest.approx(c.points)
+            assert float(row["total"]) == pytest.approx(result.score)
+            assert float(row["total"]) == pytest.approx(sum(float(row[n])
+                                                             for n in f.RUBRIC_CHECK_NAMES))
+            assert float(row["max_score"]) == result.max_score
+        else:
+            assert row["reason"] == result.reason
+            assert all(row[n] == "" for n in f.RUBRIC_CHECK_NAMES) and row["total"] == ""
+
+
+def test_gradebook_defuses_spreadsheet_formulas():
+    result = f.error("=HYPERLINK(\"http://evil\")", reason="-1+1")
+    rows = list(csv.reader(io.StringIO(gradebook_csv([result], f.RUBRIC_CHECK_NAMES))))
+    assert rows[1][0] == "'=HYPERLINK(\"http://evil\")"
+    assert rows[1][3] == "'-1+1"
+
+
+# --------------------------------------------------------------------------------------------
+# Gradescope results.json
+
+def test_gradescope_json_validates_and_adds_up(cohort, out):
+    jsonschema.Draft202012Validator.check_schema(GRADESCOPE_SCHEMA)
+    for result in cohort:
+        data = json.loads((out / result.submission_id / "results.json").read_text("utf-8"))
+        jsonschema.validate(data, GRADESCOPE_SCHEMA)
+        for test in data["tests"]:
+            jsonschema.validate(test, LABGRADER_TEST)
+        if result.status == "graded":
+            assert data["score"] == pytest.approx(result.score)
+            assert data["score"] == pytest.approx(sum(t["score"] for t in data["tests"]))
+            assert [t["name"] for t in data["tests"]] == [c.title for c in result.checks]
+            for c, t in zip(result.checks, data["tests"]):
+                assert t["status"] == ("passed" if c.status == "passed" else "failed")
+                assert t["visibility"] == c.visibility
+                assert t["max_score"] == c.max_points
+                if c.visibility == "visible":
+                    assert c.message in t["output"]
+        else:
+            assert data["score"] == 0 and data["tests"] == []
+            assert result.reason in data["output"]
+
+
+def test_gradescope_hidden_outputs_leak_nothing(cohort, out):
+    for result in cohort:
+        text = (out / result.submission_id / "results.json").read_text("utf-8")
+        assert HIDDEN_MARK not in text and "seed" not in text
+        for t in json.loads(text)["tests"]:
+            if t["visibility"] == "hidden":
+                assert t["output"].startswith("Hidden check: ")
+                assert "Its details are not shown." in t["output"]
+
+
+def test_gradescope_overall_output_says_what_went_wrong(out):
+    bob = json.loads((out / "bob" / "results.json").read_text("utf-8"))
+    assert "Score: 9/15" in bob["output"]
+    assert "Cell 12 (error): RuntimeError: mat1 and mat2" in bob["output"]
+    carol = json.loads((out / "carol" / "results.json").read_text("utf-8"))
+    assert "timeout" in carol["output"] and "mnist-sample" in carol["output"]
+    gap = json.loads((out / "hidden_gap" / "results.json").read_text("utf-8"))
+    assert "All visible checks pass, but not all hidden checks do." in gap["output"]
+
+
+# --------------------------------------------------------------------------------------------
+# junit.xml
+
+def test_junit_xml_validates_against_the_schema(out):
+    schema = etree.XMLSchema(etree.fromstring(JUNIT_XSD))
+    doc = etree.parse(str(out / "junit.xml"))
+    assert schema.validate(doc), schema.error_log
+
+
+def test_junit_structure_counts_and_messages(cohort, out):
+    root = ET.parse(out / "junit.xml").getroot()
+    assert root.tag == "testsuites"
+    suites = root.findall("testsuite")
+    assert len(suites) == 1  # one run
+    suite = suites[0]
+    cases = suite.findall("testcase")
+    assert len(cases) == len(cohort) * len(f.RUBRIC_CHECK_NAMES)
+    assert int(suite.get("tests")) == len(cases)
+    assert int(suite.get("failures")) == len(suite.findall("testcase/failure"))
+    assert int(suite.get("errors")) == len(suite.findall("testcase/error"))
+    by_key = {(c.get("classname"), c.get("name")): c for c in cases}
+    for result in cohort:
+        for name in f.RUBRIC_CHECK_NAMES:
+            case = by_key[(result.submission_id, name)]
+            if result.status != "graded":
+                assert case.find("error").get("message") == result.reason
+                continue
+            check = next(c for c in result.checks if c.name == name)
+            failure = case.find("failure")
+            if check.status == "passed":
+                assert failure is None and case.find("error") is None
+            elif check.visibility == "hidden":
+                assert failure.get("type") == "hidden"
+                assert failure.get("message").startswith("Hidden check: ")
+                assert HIDDEN_MARK not in (failure.text or "")
+            else:
+                assert failure.get("type") == check.status
+                assert check.message.splitlines()[0] in failure.get("message")
+    bob_train = by_key[("bob", "train_epoch")].find("failure")
+    assert "0/2 points: train_epoch() returned accuracy 88.67" in bob_train.get("message")
+    assert "print once per epoch" in bob_train.text
+
+
+def test_junit_survives_control_characters_and_markup():
+    forward = dataclasses.replace(f.check("forward", 0.0),
+                                  message="printed \x1b[31mred\x1b[0m and \x00 and <b>&amp;</b>")
+    result = f.graded("ctrl", checks=(forward,), with_figures=False)
+    text = junit_xml([result], ["forward"])
+    failure = etree.fromstring(text.encode("utf-8")).find(".//failure")
+    assert failure.get("message") == "0/1 points: printed \ufffd[31mred\ufffd[0m and \ufffd and <b>&amp;</b>"
+    assert etree.XMLSchema(etree.fromstring(JUNIT_XSD)).validate(
+        etree.fromstring(text.encode("utf-8")).getroottree())
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+def test_exports_are_written_atomically_and_refuse_escaping_ids(tmp_path: Path):
+    written = write_exports([f.perfect(), f.error("dave")], tmp_path, f.RUBRIC_CHECK_NAMES)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in written) == [
+        "dave/results.json", "gradebook.csv", "junit.xml", "perfect/results.json"]
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    for bad in ("../escape", "a/b", "..", ""):
+        with pytest.raises(ValueError):
+            write_exports([f.error(bad)], tmp_path / "x", f.RUBRIC_CHECK_NAMES)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "escape").exists()
+    with pytest.raises(ValueError):
+        write_exports([f.perfect("a"), f.error("a")], tmp_path / "y", f.RUBRIC_CHECK_NAMES)
