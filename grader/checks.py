@@ -489,7 +489,11 @@ def _figure(evidence: Evidence, name: str) -> CheckResult:
     for cell in evidence.notebook.cells:
         if cell.cell_type != "code" or not (subject.search(cell.source) and call.search(cell.source)):
             continue
-        if any("image/png" in output.get("data", {}) for output in cell.get("outputs", [])):
+        outputs = cell.get("outputs", [])
+        # A cell that failed half way may still show an empty set of axes: that is no figure.
+        if any(o.get("output_type") == "error" for o in outputs):
+            continue
+        if any("image/png" in output.get("data", {}) for output in outputs):
             return CheckResult(name, 1.0, f"The notebook shows {what}.")
     return CheckResult(name, 0.0, f"No cell displayed {what}: plot them with matplotlib in a cell "
                        "that runs without errors.")

@@ -121,6 +121,8 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        # mkstemp makes 0600 files; a sandboxed notebook reads them as another, unprivileged user.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -105,7 +105,7 @@ class Provisioned:
     is_sample: bool
 
 
-def default_root(profile: str) -> Path:
+def default_root(profile: Profile) -> Path:
     """``$LABGRADER_HOME/data/<profile>``, by default ``~/.cache/labgrader/data/<profile>``."""
     if profile not in ("mnist", "fashion-mnist", "mnist-sample"):
         raise ValueError(f"unknown profile {profile!r}; expected 'mnist', 'fashion-mnist' or 'mnist-sample'")
@@ -147,7 +147,7 @@ def _read_record(root: Path) -> tuple[Provisioned, dict[str, Any]]:
 
 
 def provision(
-    dataset: str,
+    dataset: Dataset,
     root: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     allow_download: bool = True,
@@ -413,5 +413,6 @@ def _install(root: Path, profile: str, torchvision_class: str, source: str, arra
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=2)
         fh.write("\n")
+    os.chmod(tmp, 0o644)  # readable by the sandbox's unprivileged user, like the IDX files
     os.replace(tmp, root / PROFILE_FILE)
     return result
