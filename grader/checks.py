@@ -77,6 +77,10 @@ def _why_no_probe(evidence: Evidence) -> str:
         return f"the notebook was stopped ({execution.reason})"
     if execution.status == "not-run":
         return f"the notebook did not run ({execution.reason})"
+    if execution.probe_error:
+        first_line = execution.probe_error.strip().splitlines()[0][:200]
+        return (f"the grader's probe failed in the notebook's kernel ({first_line}); does the notebook "
+                "change how the kernel runs code, or leave it busy?")
     return "the grader's probe got no answer from the notebook's kernel"
 
 
@@ -160,9 +164,14 @@ def check_notebook_runs(evidence: Evidence) -> CheckResult:
         return CheckResult("notebook_runs", 1.0, f"All {len(cells)} code cells ran without errors.")
     shown = "; ".join(f"cell {c.index + 1}: {c.status}" + (f" ({c.error})" if c.error else "") for c in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    network = ""
+    if evidence.execution.network_blocked:
+        network = (" Grading runs without network access, so downloads and pip installs fail ("
+                   + "; ".join(evidence.execution.network_blocked[:3]) + "): use only the packages "
+                   "installed and the dataset in ./data.")
     return CheckResult("notebook_runs", (len(cells) - len(bad)) / len(cells),
                        f"{len(bad)} of {len(cells)} code cells did not run cleanly: {shown}{more}. "
-                       "Restart the kernel and run all cells to reproduce.")
+                       f"Restart the kernel and run all cells to reproduce.{network}")
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -252,13 +261,23 @@ def check_model_log_probs(evidence: Evidence) -> CheckResult:
     row_sums = output.exp().sum(dim=1)
     if torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4):
         return CheckResult("model_log_probs", 1.0, "Each image's ten outputs are log-probabilities "
-                           "(their exponentials sum to 1).")
+                           "(their exponentials sum to 1).", _implicit_dim_warning(evidence))
     column_sums = output.exp().sum(dim=0)
     if torch.allclose(column_sums, torch.ones_like(column_sums), atol=1e-4):
         return CheckResult("model_log_probs", 0.0, "net normalises over the batch, not over the ten "
                            "digits: use nn.LogSoftmax(dim=1) so each image's probabilities sum to 1.")
     return CheckResult("model_log_probs", 0.0, "net's outputs are not log-probabilities: end the model "
                        "with nn.LogSoftmax(dim=1) (NLLLoss expects log-probabilities).")
+
+
+def _implicit_dim_warning(evidence: Evidence) -> tuple[str, ...]:
+    """PyTorch warns when LogSoftmax has no ``dim``; the guess is right for (N, 10), but only by luck."""
+    for cell in evidence.notebook.cells if evidence.notebook else ():
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and "Implicit dimension choice" in output.get("text", ""):
+                return ("logsoftmax_implicit_dim: nn.LogSoftmax() without dim makes PyTorch guess the "
+                        "dimension (and warn); write nn.LogSoftmax(dim=1) to normalise over the ten digits.",)
+    return ()
 
 
 # --- train_epoch --------------------------------------------------------------------------------

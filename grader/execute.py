@@ -462,7 +462,7 @@ async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue
             left = deadline - time.monotonic()
             if left <= 1:
                 status, reason = "timeout", (f"the notebook time limit ({limits.notebook_timeout:g} s)"
-                                             f" was reached before cell {index}")
+                                             f" was reached before cell {index + 1}")
                 stop_at = index
                 cells[index] = CellRun(index, "not-run", source_head=head)
                 continue
@@ -494,14 +494,14 @@ async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue
                 msg = (f"OutputLimitExceeded: the notebook printed more than "
                        f"{limits.output_bytes} bytes of output; the kernel was stopped")
                 cells[index] = CellRun(index, "error", secs, msg, None, images, head)
-                status, reason = "output-limit", f"cell {index}: {msg.split(': ', 1)[1]}"
+                status, reason = "output-limit", f"cell {index + 1}: {msg.split(': ', 1)[1]}"
                 stop_at, kernel_alive = index, False
                 killer("output limit")
             elif client.timed_out and (died is not None or client.killed_after_interrupt):
                 msg = (f"CellTimeout: the cell ran longer than {client.timeout} s and did not stop "
                        f"when interrupted; the kernel was killed")
                 cells[index] = CellRun(index, "timeout", secs, msg, None, images, head)
-                status, reason = "timeout", f"cell {index}: {msg.split(': ', 1)[1]}"
+                status, reason = "timeout", f"cell {index + 1}: {msg.split(': ', 1)[1]}"
                 stop_at, kernel_alive = index, False
             elif died is not None:
                 if "watchdog" in killed:
@@ -513,7 +513,7 @@ async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue
                     cells[index] = CellRun(index, "kernel-died", secs, f"KernelDied: {why}", None,
                                            images, head)
                     status = "kernel-died"
-                reason = f"the kernel died during cell {index} ({head!r}): {why}"
+                reason = f"the kernel died during cell {index + 1} ({head!r}): {why}"
                 stop_at, kernel_alive = index, False
             elif client.timed_out:
                 over_nb = per_cell < limits.cell_timeout
@@ -523,7 +523,7 @@ async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue
                                        f"CellTimeout: the cell was interrupted at {limit}", None,
                                        images, head)
                 if over_nb:
-                    status, reason, stop_at = "timeout", f"{limit} was reached in cell {index}", index
+                    status, reason, stop_at = "timeout", f"{limit} was reached in cell {index + 1}", index
             else:
                 reply = replies[-1] if replies else None
                 st = (reply or {}).get("content", {}).get("status")
@@ -558,7 +558,7 @@ async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue
         if cell.cell_type == "code" and index not in cells:
             cells[index] = CellRun(index, "not-run", source_head=_first_line(cell.source))
 
-    network = tuple(f"cell {i}: {cells[i].source_head}" for i in sorted(cells)
+    network = tuple(f"cell {i + 1}: {cells[i].source_head}" for i in sorted(cells)
                     if _NETWORK.search(_cell_text(nb.cells[i]) + (cells[i].error or ""))
                     or (cells[i].status != "ok" and _looks_like_download(nb.cells[i].source)
                         and cells[i].status == "error"))
@@ -576,7 +576,7 @@ async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue
     if status == "completed" and reason is None:
         timeouts = [i for i, c in cells.items() if c.status == "timeout"]
         if timeouts:
-            reason = "cells timed out and were interrupted: " + ", ".join(map(str, timeouts))
+            reason = "cells timed out and were interrupted: " + ", ".join(str(i + 1) for i in timeouts)
     return Execution(
         status=status, cells=tuple(cells[i] for i in sorted(cells)), isolation=label,
         seconds=round(time.monotonic() - t0, 3), reason=reason,

@@ -389,6 +389,9 @@ def _sample(pixels: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 def _install(root: Path, profile: str, torchvision_class: str, source: str, arrays: dict[str, np.ndarray]) -> Provisioned:
     raw = root / torchvision_class / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    # Sandboxed notebooks read the root as an unprivileged user; a temp dir is made 0700.
+    for directory in (root, raw.parent, raw):
+        directory.chmod(0o755)
     # The profile file marks a complete root, so it goes first when rebuilding and last when done.
     (root / PROFILE_FILE).unlink(missing_ok=True)
     hashes = {}

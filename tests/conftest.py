@@ -28,3 +28,21 @@ def fashion_root(tmp_path_factory: pytest.TempPathFactory) -> prov.Provisioned:
             "install it with `apt-get install dataset-fashion-mnist` (./dev.sh test does, as root)"
         )
     return _provision(tmp_path_factory, "fashion-mnist", "fashion-mnist")
+
+
+@pytest.fixture
+def grading_config(mnist_sample_root, tmp_path):
+    """A factory of grading configurations on the MNIST sample, runs kept under ``tmp_path``."""
+    import dataclasses
+
+    from grader import pipeline, resources, score
+    from reference import spec
+
+    base = pipeline.Config(provisioned=mnist_sample_root, spec=spec.load(mnist_sample_root.profile),
+                           rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=tmp_path / "runs",
+                           hide=pipeline.hidden_paths())
+
+    def make(**changes) -> pipeline.Config:
+        return dataclasses.replace(base, **changes)
+
+    return make

@@ -176,3 +176,18 @@ def test_committed_student_notebook_is_up_to_date() -> None:
     committed = nbformat.read(STUDENT, as_version=4)
     assert committed == expected
     assert STUDENT.read_text(encoding="utf-8").rstrip("\n") == nbformat.writes(expected).rstrip("\n")
+
+
+@pytest.mark.slow
+def test_labgrader_assign_grades_the_instructor_notebook_for_real(tmp_path: Path, mnist_sample_root) -> None:
+    import subprocess
+    import sys
+
+    from grader.resources import LAB_DIR
+
+    student = tmp_path / "student.ipynb"
+    done = subprocess.run([sys.executable, "-m", "grader.cli", "assign", "--student", str(student), "--quiet",
+                           "--root", str(mnist_sample_root.root)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    written, committed = (nbformat.read(p, as_version=4) for p in (student, LAB_DIR / "student.ipynb"))
+    assert [c.source for c in written.cells] == [c.source for c in committed.cells]

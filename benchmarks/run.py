@@ -1,0 +1,358 @@
+"""labgrader's speed figures on full Fashion-MNIST, each measured side by side in one run.
+
+    .venv/bin/python benchmarks/run.py            # about 5-6 minutes on 2 cores
+    .venv/bin/python benchmarks/run.py --quick    # fewer copies, about 3 minutes
+
+Not a test: timings on a shared 2-core machine are noisy, so every figure is a ratio or a total
+measured here, now, next to its baseline. See benchmarks/README.md for the method and the figures.
+
+(a) ``labgrader grade`` of the lab's full notebook vs ``jupyter nbconvert --execute`` of the same
+    notebook in a directory holding it and ``data`` -> the provisioned root;       target <= 0.4x
+(b) batch throughput, ``--jobs 2`` vs ``--jobs 1`` on N copies;                    target >= 1.7x
+(c) regrading 20 graded submissions after a rubric change (``--rubric``);         target <= 5 s
+(d) the grader's own time per submission outside the notebook's cells
+    (result.seconds minus the cells' seconds);                                     target <= 2 s
+and a breakdown of one grading, timed in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+LABGRADER = str(BIN / "labgrader")
+JUPYTER = str(BIN / "jupyter")
+NOTEBOOK = REPO / "lab" / "examples" / "correct.ipynb"
+FIGURES: list[dict] = []
+
+
+def figure(name: str, value: float, unit: str, target: str, ok: bool, note: str = "") -> None:
+    shown = f"{value:.2f}{unit}"
+    line = f"{name}: {shown} (target {target}) {'PASS' if ok else 'MISS'}" + (f"  [{note}]" if note else "")
+    print(line, flush=True)
+    FIGURES.append({"name": name, "value": round(value, 3), "unit": unit, "target": target,
+                    "pass": ok, "note": note})
+
+
+def info(text: str) -> None:
+    print(f"  {text}", flush=True)
+
+
+def timed(argv: list[str], **kw) -> float:
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, **kw)
+    seconds = time.monotonic() - started
+    if done.returncode not in (0, 1):  # labgrader check/grade may exit 1 on a failing notebook
+        sys.exit(f"{' '.join(argv[:3])}... failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def fashion_root() -> Path:
+    """The provisioned full Fashion-MNIST; a fresh root when the cached one isn't readable by the
+    sandbox's unprivileged user (roots provisioned by older versions kept 0600 files)."""
+    from reference import provision
+
+    provisioned = provision.provision("fashion-mnist", allow_download=False)
+    raw = provisioned.root / provisioned.torchvision_class / "raw"
+    unreadable = [p.name for p in raw.iterdir() if not p.stat().st_mode & stat.S_IROTH]
+    if unreadable:
+        info(f"WARNING: {raw} has files others cannot read ({', '.join(sorted(unreadable))}): the sandboxed "
+             "kernel would fail with PermissionError; provisioning a separate root for the benchmark")
+        root = Path.home() / ".cache" / "labgrader" / "bench" / "fashion-mnist"
+        provisioned = provision.provision("fashion-mnist", root=root, allow_download=False)
+    assert provisioned.profile == "fashion-mnist" and provisioned.train_size == 60000, provisioned
+    return provisioned.root
+
+
+def fashion_notebook(directory: Path, name: str = "lab.ipynb") -> Path:
+    source = NOTEBOOK.read_text()
+    assert "torchvision.datasets.MNIST(" in source
+    path = directory / name
+    path.write_text(source.replace("torchvision.datasets.MNIST(", "torchvision.datasets.FashionMNIST("))
+    return path
+
+
+def grade_argv(paths: list[Path], out: Path, root: Path, jobs: int, *extra: str) -> list[str]:
+    return [LABGRADER, "grade", *map(str, paths), "--out", str(out), "--jobs", str(jobs),
+            "--dataset", "fashion-mnist", "--root", str(root), "--quiet", *extra]
+
+
+def results(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+
+
+def check_graded(out: Path, expect: int) -> list[dict]:
+    found = results(out)
+    bad = [(r["submission_id"], r["status"], r.get("execution_status"), r.get("reason")) for r in found
+           if r["status"] != "graded" or r.get("execution_status") != "completed"]
+    if len(found) != expect or bad:
+        sys.exit(f"grading did not complete: {len(found)}/{expect} results; {bad}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures
+
+
+def vs_nbconvert(work: Path, root: Path) -> dict:
+    """(a): one notebook, graded vs executed by plain nbconvert, in turn."""
+    plain = work / "nbconvert"
+    plain.mkdir()
+    notebook = fashion_notebook(plain)
+    (plain / "data").symlink_to(root)
+    nbconvert = timed([JUPYTER, "nbconvert", "--to", "notebook", "--execute", "--output", "executed.ipynb",
+                       "--ExecutePreprocessor.timeout=1800", str(notebook)], cwd=plain)
+    executed = json.loads((plain / "executed.ipynb").read_text())
+    errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    if errors:
+        sys.exit(f"nbconvert's run has errors: {errors[0].get('ename')}: {errors[0].get('evalue')}")
+    graded_dir = work / "single"
+    graded_dir.mkdir()
+    out = work / "single-out"
+    grade = timed(grade_argv([fashion_notebook(graded_dir)], out, root, 1))
+    [result] = check_graded(out, 1)
+    info(f"nbconvert --execute {nbconvert:.1f} s; labgrader grade --jobs 1 {grade:.1f} s "
+         f"(score {result['score']:g}/{result['max_score']:g}, isolation {result['isolation']})")
+    ratio = grade / nbconvert
+    figure("a. grade / nbconvert --execute", ratio, "x", "<= 0.4x", ratio <= 0.4,
+           f"{grade:.1f} s vs {nbconvert:.1f} s")
+    cells = sum(c.get("seconds") or 0 for c in result["cells"])
+    overhead = result["seconds"] - cells
+    info(f"result.seconds {result['seconds']:.1f} s, cells {cells:.1f} s, CLI start-up and reports "
+         f"{grade - result['seconds']:.1f} s")
+    figure("d. grader overhead outside the cells", overhead, " s", "<= 2 s", overhead <= 2,
+           f"result.seconds {result['seconds']:.1f} - cells {cells:.1f}")
+    return result
+
+
+def batch_throughput(work: Path, root: Path, copies: int) -> Path:
+    """(b): N copies, --jobs 1 then --jobs 2, each into a fresh output directory."""
+    subs = work / "batch"
+    subs.mkdir()
+    for index in range(copies):
+        fashion_notebook(subs, f"student{index:02d}.ipynb")
+    seconds = {}
+    for jobs in (1, 2):
+        out = work / f"batch-out-{jobs}"
+        seconds[jobs] = timed(grade_argv([subs], out, root, jobs))
+        check_graded(out, copies)
+    info(f"{copies} notebooks: --jobs 1 {seconds[1]:.1f} s ({copies / seconds[1] * 60:.2f}/min), "
+         f"--jobs 2 {seconds[2]:.1f} s ({copies / seconds[2] * 60:.2f}/min)")
+    ratio = seconds[1] / seconds[2]
+    figure(f"b. throughput --jobs 2 / --jobs 1 ({copies} notebooks)", ratio, "x", ">= 1.7x", ratio >= 1.7)
+    return work / "batch-out-1"
+
+
+def regrade(work: Path, root: Path, graded_out: Path, count: int) -> None:
+    """(c): 20 graded submissions (runs cloned from one real run of the same bytes: the run key
+    doesn't involve the id), then the same grade command with a rubric whose points changed."""
+    subs = work / "regrade"
+    subs.mkdir()
+    out = work / "regrade-out"
+    [source_run] = [p for p in (graded_out / ".runs").iterdir()][:1]
+    for index in range(count):
+        name = f"r{index:02d}"
+        fashion_notebook(subs, f"{name}.ipynb")
+        shutil.copytree(source_run, out / ".runs" / name)
+    seconds = {}
+    rubric = (REPO / "lab" / "rubric.toml").read_text()
+    changed = work / "rubric-changed.toml"
+    old = "[checks.data_sizes]\ntitle = \"Training and test sets have the expected sizes\"\npoints = 1\n"
+    assert old in rubric
+    changed.write_text(rubric.replace(old, old.replace("points = 1", "points = 3")))
+    for jobs in (1, 2):
+        out_j = work / f"regrade-out-{jobs}"
+        shutil.copytree(out, out_j)
+        first = timed(grade_argv([subs], out_j, root, jobs))  # 20 results from the kept runs
+        before = {r["submission_id"]: r["score"] for r in check_graded(out_j, count)}
+        seconds[jobs] = timed(grade_argv([subs], out_j, root, jobs, "--rubric", str(changed)))
+        after = check_graded(out_j, count)
+        assert all(r["score"] == before[r["submission_id"]] + 2 for r in after), "the rubric change did not apply"
+        assert all(not any((out_j / ".runs" / r["submission_id"]).glob("*.tmp")) for r in after)
+        info(f"--jobs {jobs}: first grading from kept runs {first:.1f} s, regrade after the rubric change "
+             f"{seconds[jobs]:.1f} s (command wall time, interpreter start-up included)")
+    in_process = regrade_in_process(subs, work / "regrade-out-1", root, changed)
+    info(f"in-process batch.grade_all(jobs=1) after another rubric change: {in_process:.2f} s for {count}")
+    best = min(seconds.values())
+    figure(f"c. regrade {count} after a rubric change (labgrader grade --jobs 1)", seconds[1], " s", "<= 5 s",
+           seconds[1] <= 5, f"--jobs 2: {seconds[2]:.1f} s; without start-up: {in_process:.2f} s")
+    del best
+
+
+def regrade_in_process(subs: Path, out: Path, root: Path, rubric_path: Path) -> float:
+    from grader import batch, intake, pipeline, score
+    from reference import provision, spec
+
+    text = rubric_path.read_text().replace("points = 3", "points = 4", 1)
+    again = rubric_path.with_name("rubric-changed-again.toml")
+    again.write_text(text)
+    provisioned = provision.read_profile(root)
+    config = pipeline.Config(provisioned=provisioned, spec=spec.load(provisioned.profile),
+                             rubric=score.load_rubric(again), runs_dir=(out / ".runs").resolve(), threads=2,
+                             hide=pipeline.hidden_paths() + (subs.resolve(),))
+    submissions = intake.collect([subs])
+    pipeline.dataset(config)  # the CLI loads the test set too; count it as start-up, not regrading
+    started = time.monotonic()
+    batch.grade_all(submissions, config, out, jobs=1, progress=False)
+    return time.monotonic() - started
+
+
+def breakdown(work: Path, root: Path) -> None:
+    """Where one grading's time goes, timed here by wrapping the stages (threads=2, as --jobs 1)."""
+    import jupyter_client.manager
+
+    spent: dict[str, float] = collections.defaultdict(float)
+    started = time.monotonic()
+    import torch  # noqa: F401
+    spent["grader process: import torch"] = time.monotonic() - started
+    started = time.monotonic()
+    from grader import checks, execute, expected, intake, pipeline, probe, saved_model, score
+    from reference import provision, spec
+    spent["grader process: import grader (+nbclient, matplotlib...)"] = time.monotonic() - started
+
+    def wrap(module, name, label):
+        original = getattr(module, name)
+
+        @functools.wraps(original)
+        def timed_call(*args, **kwargs):
+            t0 = time.monotonic()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] += time.monotonic() - t0
+        setattr(module, name, timed_call)
+        return original
+
+    def wrap_async(owner, name, label):
+        original = getattr(owner, name)
+
+        async def timed_call(*args, **kwargs):
+            t0 = time.monotonic()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                spent[label] += time.monotonic() - t0
+        setattr(owner, name, timed_call)
+        return original
+
+    grader_code = []
+    run_code = execute._run_code
+
+    async def timed_run_code(client, code, timeout, killer):
+        t0 = time.monotonic()
+        try:
+            return await run_code(client, code, timeout, killer)
+        finally:
+            label = ("kernel: prelude (seeds; imports torch, torchvision)" if not grader_code
+                     else "kernel: probe (epilogue)")
+            grader_code.append(label)
+            spent[label] += time.monotonic() - t0
+
+    restore = [
+        (execute, "_run_code", run_code),
+        (jupyter_client.manager.AsyncKernelManager, "start_kernel",
+         wrap_async(jupyter_client.manager.AsyncKernelManager, "start_kernel", "kernel: spawn (bwrap)")),
+        (execute, "_shutdown", wrap_async(execute, "_shutdown", "kernel: shutdown")),
+        (execute, "execute", wrap(execute, "execute", "execute() in all")),
+        (pipeline, "dataset", wrap(pipeline, "dataset", "grader: load the dataset tensors")),
+        (probe, "make_plan", wrap(probe, "make_plan", "grader: probe plan")),
+        (saved_model, "inspect", wrap(saved_model, "inspect", "grader: saved_model.inspect")),
+        (expected, "compute", wrap(expected, "compute", "grader: expected.compute")),
+        (checks, "run_checks", wrap(checks, "run_checks", "grader: checks")),
+        (pipeline, "_figures", wrap(pipeline, "_figures", "grader: figures (matplotlib)")),
+        (pipeline, "_save_run", wrap(pipeline, "_save_run", "grader: save the run")),
+    ]
+    execute._run_code = timed_run_code
+    try:
+        provisioned = provision.read_profile(root)
+        directory = work / "breakdown"
+        directory.mkdir()
+        config = pipeline.Config(provisioned=provisioned, spec=spec.load(provisioned.profile),
+                                 rubric=score.load_rubric(REPO / "lab" / "rubric.toml"),
+                                 runs_dir=directory / "runs", threads=2, hide=pipeline.hidden_paths())
+        [submission] = intake.collect([fashion_notebook(directory)])
+        t0 = time.monotonic()
+        result = pipeline.grade(submission, config)
+        total = time.monotonic() - t0
+    finally:
+        for owner, name, original in restore:
+            setattr(owner, name, original)
+    cells = sum(c.seconds or 0 for c in result.cells)
+    kernel_parts = sum(v for k, v in spent.items() if k.startswith("kernel:"))
+    spent["kernel: start-up wait, client, the rest"] = spent.pop("execute() in all") - cells - kernel_parts
+    spent["notebook cells"] = cells
+    grader_parts = sum(v for k, v in spent.items() if not k.startswith("grader process"))
+    spent["grader: other (nbformat, hashing, probe files)"] = total - grader_parts
+    print(f"breakdown of one pipeline.grade ({total:.1f} s, score {result.score:g}/{result.max_score:g}; "
+          f"before it, once per process):")
+    for label, seconds in sorted(spent.items(), key=lambda kv: (not kv[0].startswith("grader process"), -kv[1])):
+        print(f"  {label:58s} {seconds:6.2f} s")
+    slow = sorted(result.cells, key=lambda c: -(c.seconds or 0))[:4]
+    print("  slowest cells: " + ", ".join(f"#{c.index} {c.seconds:.2f} s ({c.source_head[:30]!r})" for c in slow))
+    prelude = spent["kernel: prelude (seeds; imports torch, torchvision)"]
+    info(f"overhead outside the cells in this run: {total - cells:.2f} s, of which the prelude's imports "
+         f"{prelude:.2f} s (a notebook pays them in its first cell under nbconvert)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 copies for (b), 10 for (c)")
+    parser.add_argument("--copies", type=int, help="notebooks for the batch figure (default 4; 2 with --quick)")
+    parser.add_argument("--regrade", type=int, help="submissions to regrade (default 20; 10 with --quick)")
+    parser.add_argument("--skip", default="", help="comma-separated figures to skip: a,b,c,breakdown")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args()
+    copies = args.copies or (2 if args.quick else 4)
+    count = args.regrade or (10 if args.quick else 20)
+    skip = set(filter(None, args.skip.split(",")))
+    sys.path.insert(0, str(REPO))
+    started = time.monotonic()
+    print(f"labgrader benchmarks, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
+          f"{'quick' if args.quick else 'full'} mode", flush=True)
+    root = fashion_root()
+    info(f"data: {root}")
+    work = Path(tempfile.mkdtemp(prefix="labgrader-bench-"))
+    try:
+        if "a" not in skip:
+            vs_nbconvert(work, root)
+        graded_out = None
+        if "b" not in skip:
+            graded_out = batch_throughput(work, root, copies)
+        if "c" not in skip:
+            if graded_out is None:
+                one = work / "c-seed"
+                one.mkdir()
+                graded_out = work / "c-seed-out"
+                timed(grade_argv([fashion_notebook(one)], graded_out, root, 1))
+            regrade(work, root, graded_out, count)
+        if "breakdown" not in skip:
+            breakdown(work, root)
+    finally:
+        if args.keep:
+            info(f"scratch kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"done in {time.monotonic() - started:.0f} s", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(FIGURES, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The run cache of grader/pipeline.py: a run is reused while its key matches, and only then.
+
+One real grading of lab/examples/correct.ipynb (on the mnist-sample profile) fills a run directory
+once for the module; each test works on its own copy of it. "Executed" is detected by replacing
+``grader.execute.execute`` with a function that raises: the pipeline turns that into an error result
+whose reason names it, so a test sees whether the cache was bypassed without running a kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from grader import execute, intake, pipeline, resources, score
+from reference import spec as spec_module
+
+CORRECT = resources.EXAMPLES_DIR / "correct.ipynb"
+
+
+class Executed(Exception):
+    pass
+
+
+def _refuse(*args, **kwargs):
+    raise Executed("the cached run was not reused: the notebook was executed again")
+
+
+@dataclasses.dataclass
+class Graded:
+    root: Path
+    notebook: Path
+    config: pipeline.Config
+    result: object
+
+
+@pytest.fixture(scope="module")
+def graded_once(tmp_path_factory, mnist_sample_root) -> Graded:
+    root = tmp_path_factory.mktemp("cache")
+    notebook = root / "submissions" / "alice.ipynb"
+    notebook.parent.mkdir()
+    shutil.copy(CORRECT, notebook)
+    config = pipeline.Config(provisioned=mnist_sample_root, spec=spec_module.load(mnist_sample_root.profile),
+                             rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=root / "runs",
+                             hide=pipeline.hidden_paths())
+    [submission] = intake.collect([notebook])
+    result = pipeline.grade(submission, config)
+    assert result.status == "graded", result.reason
+    assert result.execution_status == "completed", result.reason
+    assert result.score == result.max_score, [c for c in result.checks if c.status != "passed"]
+    return Graded(root, notebook, config, result)
+
+
+@pytest.fixture
+def cached(graded_once, tmp_path) -> Graded:
+    """A private copy of the graded run (and of the notebook), for one test to change."""
+    runs = tmp_path / "runs"
+    shutil.copytree(graded_once.root / "runs", runs)
+    notebook = tmp_path / "submissions" / graded_once.notebook.name
+    notebook.parent.mkdir()
+    shutil.copy(graded_once.notebook, notebook)
+    return Graded(tmp_path, notebook, dataclasses.replace(graded_once.config, runs_dir=runs), graded_once.result)
+
+
+@pytest.fixture
+def no_execution(monkeypatch):
+    monkeypatch.setattr(execute, "execute", _refuse)
+
+
+def _submission(graded: Graded):
+    [submission] = intake.collect([graded.notebook])
+    return submission
+
+
+def _run_dir(graded: Graded) -> Path:
+    return graded.config.runs_dir / _submission(graded).id
+
+
+def _assert_executed_again(result) -> None:
+    assert result.status == "error" and "Executed" in (result.reason or ""), result.reason
+
+
+def test_grading_twice_reuses_the_run(cached, no_execution):
+    executed = _run_dir(cached) / "executed.ipynb"
+    before = executed.stat().st_mtime_ns
+    key = (_run_dir(cached) / "key.json").read_text()
+    assert pipeline.load_run(_submission(cached), cached.config) is not None
+    again = pipeline.grade(_submission(cached), cached.config)
+    assert again.status == "graded", again.reason
+    assert again.score == cached.result.score and again.checks == cached.result.checks
+    assert again.cells == cached.result.cells and again.figures == cached.result.figures
+    assert executed.stat().st_mtime_ns == before
+    assert (_run_dir(cached) / "key.json").read_text() == key
+
+
+def test_reuse_false_executes(cached, no_execution):
+    _assert_executed_again(pipeline.grade(_submission(cached), cached.config, reuse=False))
+
+
+def test_rubric_points_and_visibility_regrade_without_executing(cached, no_execution, tmp_path):
+    text = resources.RUBRIC_PATH.read_text()
+    section = "[checks.data_sizes]\ntitle = \"Training and test sets have the expected sizes\"\npoints = 1\n"
+    assert section in text
+    changed = tmp_path / "rubric.toml"
+    changed.write_text(text.replace(section, section.replace("points = 1", "points = 5")
+                                    + "visibility = \"hidden\"\n"))
+    rubric = score.load_rubric(changed)
+    assert rubric.sha256 != cached.config.rubric.sha256
+    config = dataclasses.replace(cached.config, rubric=rubric)
+    assert pipeline.run_key(_submission(cached), config) == pipeline.run_key(_submission(cached), cached.config)
+    executed = _run_dir(cached) / "executed.ipynb"
+    before = executed.stat().st_mtime_ns
+    regraded = pipeline.grade(_submission(cached), config)
+    assert regraded.status == "graded", regraded.reason
+    assert regraded.score == cached.result.score + 4 and regraded.max_score == cached.result.max_score + 4
+    [check] = [c for c in regraded.checks if c.name == "data_sizes"]
+    assert (check.points, check.max_points, check.visibility) == (5, 5, "hidden")
+    assert regraded.rubric_sha256 == rubric.sha256
+    assert executed.stat().st_mtime_ns == before
+
+
+def test_changed_notebook_bytes_invalidate_the_run(cached, no_execution):
+    nb = json.loads(cached.notebook.read_text())
+    nb["cells"][2]["source"] = "".join(nb["cells"][2]["source"]) + "\n# one more comment"
+    cached.notebook.write_text(json.dumps(nb))
+    submission = _submission(cached)
+    assert submission.id == cached.result.submission_id  # same student, new bytes
+    assert pipeline.load_run(submission, cached.config) is None
+    _assert_executed_again(pipeline.grade(submission, cached.config))
+
+
+def test_changed_spec_version_invalidates_the_run(cached, no_execution):
+    spec = dataclasses.replace(cached.config.spec, version=cached.config.spec.version + "-changed")
+    config = dataclasses.replace(cached.config, spec=spec)
+    assert pipeline.load_run(_submission(cached), config) is None
+    _assert_executed_again(pipeline.grade(_submission(cached), config))
+
+
+def test_changed_engine_invalidates_the_run(cached, no_execution, monkeypatch):
+    assert pipeline.load_run(_submission(cached), cached.config) is not None
+    monkeypatch.setattr(pipeline, "engine_digest", lambda: "0123456789abcdef")
+    assert pipeline.load_run(_submission(cached), cached.config) is None
+    _assert_executed_again(pipeline.grade(_submission(cached), cached.config))
+
+
+def test_engine_digest_covers_the_code_that_runs_and_judges():
+    assert {"inkernel.py", "probe.py", "execute.py", "sandbox.py", "expected.py", "saved_model.py",
+            "checks.py"} <= set(pipeline._ENGINE_FILES)
+
+
+@pytest.mark.parametrize("change", [
+    {"fast_data": False}, {"threads": 2}, {"seed": 1},
+], ids=lambda change: next(iter(change)))
+def test_changed_execution_settings_invalidate_the_run(cached, no_execution, change):
+    config = dataclasses.replace(cached.config, **change)
+    assert pipeline.load_run(_submission(cached), config) is None
+    _assert_executed_again(pipeline.grade(_submission(cached), config))
+
+
+def test_changed_limits_or_model_file_invalidate_the_run(cached, no_execution):
+    for change in ({"cell_timeout": 60}, {"model_file": "other.pt"}):
+        rubric = dataclasses.replace(cached.config.rubric, **change)
+        assert pipeline.load_run(_submission(cached), dataclasses.replace(cached.config, rubric=rubric)) is None
+
+
+def test_interrupted_run_without_key_is_not_reused(cached, no_execution):
+    (_run_dir(cached) / "key.json").unlink()
+    assert pipeline.load_run(_submission(cached), cached.config) is None
+    _assert_executed_again(pipeline.grade(_submission(cached), cached.config))
+
+
+@pytest.mark.parametrize("damage", ["run.json", "plan.npz"])
+def test_damaged_run_is_not_reused(cached, no_execution, damage):
+    (_run_dir(cached) / damage).write_bytes(b"{not json")
+    assert pipeline.load_run(_submission(cached), cached.config) is None
+    _assert_executed_again(pipeline.grade(_submission(cached), cached.config))
+
+
+def test_a_rerun_replaces_the_run_and_its_key(cached, monkeypatch):
+    """A failed re-execution leaves no stale key behind: the old run cannot come back."""
+    monkeypatch.setattr(execute, "execute", _refuse)
+    config = dataclasses.replace(cached.config, seed=7)
+    _assert_executed_again(pipeline.grade(_submission(cached), config))
+    assert not (_run_dir(cached) / "key.json").exists()
+    assert pipeline.load_run(_submission(cached), cached.config) is None
