@@ -75,6 +75,7 @@ def _grading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fast-data", dest="fast_data", action="store_false",
                         help="serve dataset items through torchvision's stock PIL path")
     parser.add_argument("--isolation", choices=("auto", "bubblewrap", "subprocess"), default="auto")
+    parser.add_argument("--threads", type=int, help="torch threads per kernel (default: cores / jobs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -127,7 +128,7 @@ def _config(args: argparse.Namespace, out: Path, jobs: int = 1):
         raise UserError(str(error)) from None
     hide = pipeline.hidden_paths() + tuple(p.resolve() for p in getattr(args, "paths", ()))
     return pipeline.Config(provisioned=provisioned, spec=loaded_spec, rubric=rubric,
-                           runs_dir=(out / ".runs").resolve(), threads=batch.threads_per_job(jobs),
+                           runs_dir=(out / ".runs").resolve(), threads=args.threads or batch.threads_per_job(jobs),
                            fast_data=args.fast_data, isolation=args.isolation, hide=hide)
 
 

@@ -1,0 +1,52 @@
+"""A batch killed half way and run again ends with every submission graded exactly once."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from grader import resources
+
+pytestmark = pytest.mark.slow
+
+
+def _grade(folder: Path, out: Path, root: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "grader.cli", "grade", str(folder), "--out", str(out),
+                             "--jobs", "1", "--quiet", "--root", str(root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_killed_batch_resumes_without_regrading(tmp_path, mnist_sample_root):
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for index in range(3):
+        shutil.copy(resources.EXAMPLES_DIR / "correct_argmax.ipynb", folder / f"student{index}.ipynb")
+    out = tmp_path / "out"
+
+    first = _grade(folder, out, mnist_sample_root.root)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/result.json")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert first.poll() is None, "the batch finished before it could be interrupted"
+    first.send_signal(signal.SIGKILL)  # no chance to clean up: the worst case
+    first.wait()
+    done_before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    assert 1 <= len(done_before) < 3
+    assert not list(out.rglob("*.tmp")) or all(".runs" in str(p) for p in out.rglob("*.tmp"))
+
+    second = _grade(folder, out, mnist_sample_root.root)
+    stdout, stderr = second.communicate(timeout=900)
+    assert second.returncode == 0, stderr
+    results = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/result.json")}
+    assert sorted(results) == ["student0", "student1", "student2"]
+    assert all(r["status"] == "graded" and r["score"] == r["max_score"] for r in results.values())
+    # The ones finished before the kill were kept, not graded again.
+    assert {name: (out / name / "result.json").stat().st_mtime_ns for name in done_before} == done_before
+    rows = (out / "gradebook.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3
