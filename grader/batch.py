@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -95,12 +94,16 @@ def grade_all(submissions: list[Submission], config: pipeline.Config, out: Path,
 
 
 def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int) -> Iterable[GradeResult]:
-    runnable = [s for s in submissions if s.error is None]
+    # What needs no kernel is judged here at once: unreadable submissions, and those whose run is
+    # kept (a rubric change regrades a class without starting a worker or a notebook).
+    to_run = []
     for submission in submissions:
-        if submission.error is not None:
+        if submission.error is not None or pipeline.load_run(submission, config) is not None:
             yield pipeline.grade(submission, config)
-    if jobs <= 1 or len(runnable) <= 1:
-        for submission in runnable:
+        else:
+            to_run.append(submission)
+    if jobs <= 1 or len(to_run) <= 1:
+        for submission in to_run:
             yield pipeline.grade(submission, config)
         return
     # spawn, not fork: the parent has torch's thread pools running, which fork does not copy safely.
@@ -108,9 +111,9 @@ def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int) ->
     uids = context.Queue()
     for index in range(jobs):
         uids.put(FIRST_JOB_UID + index)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(config, uids)) as pool:
-        futures = [pool.submit(_grade_in_worker, s) for s in runnable]
+    with ProcessPoolExecutor(max_workers=min(jobs, len(to_run)), mp_context=context,
+                             initializer=_start_worker, initargs=(config, uids)) as pool:
+        futures = [pool.submit(_grade_in_worker, s) for s in to_run]
         try:
             for future in as_completed(futures):
                 yield future.result()
@@ -132,8 +135,3 @@ def _start_worker(config: pipeline.Config, uids) -> None:
 
 def _grade_in_worker(submission: Submission) -> GradeResult:
     return pipeline.grade(submission, _worker_config)
-
-
-def threads_per_job(jobs: int) -> int:
-    """Threads for each kernel so that jobs x threads never exceeds the cores."""
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 import grader
-import reference
 from grader import checks, execute, expected, figures, probe, saved_model
 from grader.results import CellRun, Execution, GradeResult, Submission
 from grader.score import Rubric, score
@@ -51,7 +50,7 @@ class Config:
     seed: int = 0  # seeds torch, numpy and random before the notebook runs
     isolation: str = "auto"
     uid: int = 65534
-    hide: tuple[Path, ...] = ()
+    hide: tuple[Path, ...] = ()  # besides what execute always hides: the grader, reference and checkout
 
     def limits(self) -> execute.Limits:
         return execute.Limits(cell_timeout=self.rubric.cell_timeout,
@@ -79,9 +78,11 @@ def engine_digest() -> str:
 
 
 def run_key(submission: Submission, config: Config) -> dict[str, Any]:
+    """What decides a run. Not the thread count: it changes only the last bits of the notebook's own
+    training (the probe always runs single-threaded), and a regrade with other --jobs must not rerun."""
     return {"notebook_sha256": submission.sha256, "spec_version": config.spec.version,
             "engine": engine_digest(), "profile": config.provisioned.profile,
-            "fast_data": config.fast_data, "threads": config.threads, "seed": config.seed,
+            "fast_data": config.fast_data, "seed": config.seed,
             "model_file": config.rubric.model_file, "cell_timeout": config.rubric.cell_timeout,
             "notebook_timeout": config.rubric.notebook_timeout}
 
@@ -249,8 +250,3 @@ def _write_json(path: Path, content: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(content))
     os.replace(tmp, path)
-
-
-def hidden_paths() -> tuple[Path, ...]:
-    """What student code must never see: the grader and the reference (specs included)."""
-    return tuple(Path(module.__file__).resolve().parent for module in (grader, reference))

@@ -157,6 +157,11 @@ def interpreter_paths(python: str = sys.executable) -> list[str]:
     for p in (py, os.path.realpath(py)):
         paths.add(os.path.dirname(p))
         paths.add(os.path.dirname(os.path.dirname(p)))
+    # Packages a .pth file brings in from another environment; only package directories, never a
+    # checkout that an editable install puts on sys.path (it must stay hidden).
+    for p in sys.path:
+        if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p):
+            paths.update((os.path.abspath(p), os.path.realpath(p)))
     return _outermost(sorted(paths))
 
 

@@ -203,6 +203,7 @@ def _reuse(root: Path, dataset: str, reusable: list[str]) -> Provisioned | None:
     if mismatched or sizes != (found.train_size, found.test_size):
         log.warning("%s: files changed since provisioning (%s); rebuilding", root, ", ".join(mismatched) or "sizes")
         return None
+    _make_readable(root, found.torchvision_class)
     return found
 
 
@@ -389,9 +390,6 @@ def _sample(pixels: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 def _install(root: Path, profile: str, torchvision_class: str, source: str, arrays: dict[str, np.ndarray]) -> Provisioned:
     raw = root / torchvision_class / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    # Sandboxed notebooks read the root as an unprivileged user; a temp dir is made 0700.
-    for directory in (root, raw.parent, raw):
-        directory.chmod(0o755)
     # The profile file marks a complete root, so it goes first when rebuilding and last when done.
     (root / PROFILE_FILE).unlink(missing_ok=True)
     hashes = {}
@@ -416,6 +414,16 @@ def _install(root: Path, profile: str, torchvision_class: str, source: str, arra
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=2)
         fh.write("\n")
-    os.chmod(tmp, 0o644)  # readable by the sandbox's unprivileged user, like the IDX files
     os.replace(tmp, root / PROFILE_FILE)
+    _make_readable(root, torchvision_class)
     return result
+
+
+def _make_readable(root: Path, torchvision_class: str) -> None:
+    """Sandboxed notebooks read the root as an unprivileged user: a temp dir is made 0700 and
+    mkstemp files 0600, and roots provisioned before this was done must work too."""
+    raw = root / torchvision_class / "raw"
+    for directory in (root, raw.parent, raw):
+        directory.chmod(0o755)
+    for path in [root / PROFILE_FILE, *(raw / name for name in RAW_FILES)]:
+        path.chmod(0o644)

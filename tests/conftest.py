@@ -39,8 +39,7 @@ def grading_config(mnist_sample_root, tmp_path):
     from reference import spec
 
     base = pipeline.Config(provisioned=mnist_sample_root, spec=spec.load(mnist_sample_root.profile),
-                           rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=tmp_path / "runs",
-                           hide=pipeline.hidden_paths())
+                           rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=tmp_path / "runs")
 
     def make(**changes) -> pipeline.Config:
         return dataclasses.replace(base, **changes)

@@ -43,8 +43,7 @@ def graded_once(tmp_path_factory, mnist_sample_root) -> Graded:
     notebook.parent.mkdir()
     shutil.copy(CORRECT, notebook)
     config = pipeline.Config(provisioned=mnist_sample_root, spec=spec_module.load(mnist_sample_root.profile),
-                             rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=root / "runs",
-                             hide=pipeline.hidden_paths())
+                             rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=root / "runs")
     [submission] = intake.collect([notebook])
     result = pipeline.grade(submission, config)
     assert result.status == "graded", result.reason
@@ -151,7 +150,7 @@ def test_engine_digest_covers_the_code_that_runs_and_judges():
 
 
 @pytest.mark.parametrize("change", [
-    {"fast_data": False}, {"threads": 2}, {"seed": 1},
+    {"fast_data": False}, {"seed": 1},
 ], ids=lambda change: next(iter(change)))
 def test_changed_execution_settings_invalidate_the_run(cached, no_execution, change):
     config = dataclasses.replace(cached.config, **change)
@@ -163,6 +162,12 @@ def test_changed_limits_or_model_file_invalidate_the_run(cached, no_execution):
     for change in ({"cell_timeout": 60}, {"model_file": "other.pt"}):
         rubric = dataclasses.replace(cached.config.rubric, **change)
         assert pipeline.load_run(_submission(cached), dataclasses.replace(cached.config, rubric=rubric)) is None
+
+
+def test_other_thread_counts_reuse_the_run(cached, no_execution):
+    # A regrade with another --jobs (so other threads per kernel) must not run the class again.
+    config = dataclasses.replace(cached.config, threads=2)
+    assert pipeline.load_run(_submission(cached), config) is not None
 
 
 def test_interrupted_run_without_key_is_not_reused(cached, no_execution):

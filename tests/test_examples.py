@@ -30,7 +30,7 @@ def graded(mnist_sample_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("class")
     config = pipeline.Config(provisioned=mnist_sample_root, spec=spec.load(mnist_sample_root.profile),
                              rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=out / ".runs",
-                             hide=pipeline.hidden_paths() + (resources.EXAMPLES_DIR,))
+                             hide=(resources.EXAMPLES_DIR,))
     results = batch.grade_all(intake.collect([resources.EXAMPLES_DIR]), config, out, jobs=2, progress=False)
     return out, {r.submission_id: r for r in results}
 
@@ -104,8 +104,7 @@ def test_rerun_skips_everything_unchanged(graded, mnist_sample_root):
     from reference import spec
 
     config = pipeline.Config(provisioned=mnist_sample_root, spec=spec.load(mnist_sample_root.profile),
-                             rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=out / ".runs",
-                             hide=pipeline.hidden_paths())
+                             rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=out / ".runs")
     again = batch.grade_all(intake.collect([resources.EXAMPLES_DIR]), config, out, jobs=2, progress=False)
     assert {r.submission_id: r.score for r in again} == {i: r.score for i, r in results.items()}
     assert {i: (out / i / "result.json").stat().st_mtime_ns for i in results} == before

@@ -235,8 +235,7 @@ def test_fast_data_is_used_recorded_and_reported(tmp_path, mnist_sample_root):
     notebook = tmp_path / "flag.ipynb"
     nbformat.write(_FLAG_NOTEBOOK, notebook)
     config = pipeline.Config(provisioned=mnist_sample_root, spec=spec.load(mnist_sample_root.profile),
-                             rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=tmp_path / "runs",
-                             hide=pipeline.hidden_paths())
+                             rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=tmp_path / "runs")
     assert config.fast_data is True  # the default
     [submission] = intake.collect([notebook])
     result = pipeline.grade(submission, config)
