@@ -202,7 +202,7 @@ def regrade_in_process(subs: Path, out: Path, root: Path, rubric_path: Path) -> 
     provisioned = provision.read_profile(root)
     config = pipeline.Config(provisioned=provisioned, spec=spec.load(provisioned.profile),
                              rubric=score.load_rubric(again), runs_dir=(out / ".runs").resolve(), threads=2,
-                             hide=pipeline.hidden_paths() + (subs.resolve(),))
+                             hide=(subs.resolve(),))
     submissions = intake.collect([subs])
     pipeline.dataset(config)  # the CLI loads the test set too; count it as start-up, not regrading
     started = time.monotonic()

@@ -13,20 +13,71 @@ import traceback
 
 
 def prelude(seed, threads, fast_data):
+    """Seed every RNG and set torch's threads before the notebook can use them, and install the
+    fast data path. Each happens when its module is first imported rather than here: the notebook
+    imports torch and torchvision anyway, so the kernel spends no time on them before cell 1."""
     import random
 
-    import numpy
-    import torch
-
     random.seed(seed)
-    numpy.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
+
+    def seed_numpy(numpy):
+        numpy.random.seed(seed)
+
+    def seed_torch(torch):
+        torch.manual_seed(seed)
+        torch.set_num_threads(threads)
+
+    actions = {"numpy": seed_numpy, "torch": seed_torch}
     if fast_data:
-        _install_fast_data()
+        actions["torchvision.datasets.mnist"] = _install_fast_data
+    _AfterImport.install(actions)
 
 
-def _install_fast_data():
+class _AfterImport:
+    """A meta-path finder that runs an action on a module right after its first import.
+
+    Python has no post-import hook of its own; this wraps the real loader's ``exec_module``.
+    """
+
+    def __init__(self, actions):
+        self.actions = actions
+
+    @classmethod
+    def install(cls, actions):
+        pending = {}
+        for name, action in actions.items():
+            if name in sys.modules:
+                action(sys.modules[name])
+            else:
+                pending[name] = action
+        if pending:
+            sys.meta_path.insert(0, cls(pending))
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.actions:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        action = self.actions.pop(name)
+        if not self.actions:
+            sys.meta_path.remove(self)
+        exec_module = spec.loader.exec_module
+
+        def exec_then_act(module):
+            exec_module(module)
+            action(module)
+
+        spec.loader.exec_module = exec_then_act
+        return spec
+
+
+def _install_fast_data(mnist=None):
     """Serve ``MNIST[i]`` under a plain ``ToTensor`` from a tensor converted once.
 
     torchvision builds a PIL image per item and converts it back (about 9 s per epoch of 60000 on
@@ -40,15 +91,19 @@ def _install_fast_data():
     import operator
 
     import torch
-    import torchvision
-    from torchvision.datasets import MNIST, FashionMNIST
-    from torchvision.transforms import ToTensor
 
+    if mnist is None:
+        from torchvision.datasets import mnist
+    MNIST, FashionMNIST = mnist.MNIST, mnist.FashionMNIST
     stock_getitem = MNIST.__getitem__
+    to_tensor = []  # looked up at the first item: torchvision may still be importing when this runs
 
     def getitem(self, index):
+        if not to_tensor:
+            from torchvision.transforms import ToTensor
+            to_tensor.append(ToTensor)
         data = self.data
-        if (type(self) not in (MNIST, FashionMNIST) or type(self.transform) is not ToTensor
+        if (type(self) not in (MNIST, FashionMNIST) or type(self.transform) is not to_tensor[0]
                 or self.target_transform is not None or type(data) is not torch.Tensor
                 or data.dtype != torch.uint8 or data.dim() != 3 or isinstance(index, bool)):
             return stock_getitem(self, index)
@@ -74,7 +129,7 @@ def _install_fast_data():
         return cached[5][index].clone(), (labels[index] if labels is not None else int(targets[index]))
 
     MNIST.__getitem__ = getitem
-    torchvision.datasets.mnist._labgrader_fast_data = True
+    mnist._labgrader_fast_data = True
 
 
 # ---------------------------------------------------------------------------------------------

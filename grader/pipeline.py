@@ -89,8 +89,7 @@ def run_key(submission: Submission, config: Config) -> dict[str, Any]:
 
 @functools.cache
 def _dataset(root: str, torchvision_class: str):
-    data_train, data_test = data.load(root, torchvision_class)
-    return data.as_tensors(data_train), data.as_tensors(data_test)
+    return data.read_split(root, torchvision_class, True), data.read_split(root, torchvision_class, False)
 
 
 def dataset(config: Config):

@@ -5,11 +5,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch.utils.data import DataLoader, TensorDataset
-from torchvision.transforms import ToTensor
 
-CLASSES = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}
+from reference import idx
+
+SPLIT_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 def load(root: str | Path, torchvision_class: str = "MNIST"):
@@ -18,9 +19,21 @@ def load(root: str | Path, torchvision_class: str = "MNIST"):
     ``download=True`` mirrors the lab; on a provisioned root torchvision finds the files and
     downloads nothing.
     """
-    cls = CLASSES[torchvision_class]
+    # Imported here: torchvision takes seconds to import, and the grader reads the files directly.
+    import torchvision
+    from torchvision.transforms import ToTensor
+
+    cls = getattr(torchvision.datasets, torchvision_class)
     return (cls(str(root), train=True, download=True, transform=ToTensor()),
             cls(str(root), train=False, download=True, transform=ToTensor()))
+
+
+def read_split(root: str | Path, torchvision_class: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split straight from the provisioned IDX files, equal to :func:`as_tensors` of
+    :func:`load`'s dataset without importing torchvision."""
+    raw = Path(root) / torchvision_class / "raw"
+    images, labels = (idx.read_idx(raw / name, kind) for name, kind in zip(SPLIT_FILES[train], ("images", "labels")))
+    return torch.from_numpy(images).unsqueeze(1).float().div(255), torch.from_numpy(labels).long()
 
 
 def as_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:

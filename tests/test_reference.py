@@ -31,6 +31,14 @@ def test_fast_tensors_are_bitwise_totensor(sample):
         assert torch.equal(features[index], image) and labels[index] == label
 
 
+def test_split_read_from_the_files_equals_torchvisions(sample, mnist_sample_root):
+    for dataset, train in zip(sample, (True, False)):
+        features, labels = data.read_split(mnist_sample_root.root, mnist_sample_root.torchvision_class, train)
+        expected_features, expected_labels = data.as_tensors(dataset)
+        assert torch.equal(features, expected_features) and torch.equal(labels, expected_labels)
+        assert labels.dtype == expected_labels.dtype
+
+
 def test_model_gives_log_probabilities_per_image():
     out = model.make_model(seed=1)(torch.rand(5, 1, 28, 28))
     assert out.shape == (5, 10)
