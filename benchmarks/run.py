@@ -282,7 +282,7 @@ def breakdown(work: Path, root: Path) -> None:
         directory.mkdir()
         config = pipeline.Config(provisioned=provisioned, spec=spec.load(provisioned.profile),
                                  rubric=score.load_rubric(REPO / "lab" / "rubric.toml"),
-                                 runs_dir=directory / "runs", threads=2, hide=pipeline.hidden_paths())
+                                 runs_dir=directory / "runs", threads=1)
         [submission] = intake.collect([fashion_notebook(directory)])
         t0 = time.monotonic()
         result = pipeline.grade(submission, config)

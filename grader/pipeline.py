@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import grader
-from grader import checks, execute, expected, figures, probe, saved_model
+from grader import checks, execute, expected, probe, saved_model
 from grader.results import CellRun, Execution, GradeResult, Submission
 from grader.score import Rubric, score
 from reference import data
@@ -205,6 +205,8 @@ def _figures(the_run: Run, inspected: saved_model.SavedModel, test, config: Conf
         return json.loads(kept.read_text())
     except (OSError, ValueError):
         pass
+    from grader import figures  # matplotlib takes a second to import; a regrade never draws
+
     history = (the_run.answers or {}).get("history")
     drawn = {"learning_curves": figures.learning_curves(history if isinstance(history, dict) else None,
                                                         config.spec.content["history"])}
