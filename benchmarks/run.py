@@ -201,7 +201,7 @@ def regrade_in_process(subs: Path, out: Path, root: Path, rubric_path: Path) -> 
     again.write_text(text)
     provisioned = provision.read_profile(root)
     config = pipeline.Config(provisioned=provisioned, spec=spec.load(provisioned.profile),
-                             rubric=score.load_rubric(again), runs_dir=(out / ".runs").resolve(), threads=2,
+                             rubric=score.load_rubric(again), runs_dir=(out / ".runs").resolve(),
                              hide=(subs.resolve(),))
     submissions = intake.collect([subs])
     pipeline.dataset(config)  # the CLI loads the test set too; count it as start-up, not regrading
@@ -211,7 +211,7 @@ def regrade_in_process(subs: Path, out: Path, root: Path, rubric_path: Path) -> 
 
 
 def breakdown(work: Path, root: Path) -> None:
-    """Where one grading's time goes, timed here by wrapping the stages (threads=2, as --jobs 1)."""
+    """Where one grading's time goes, timed here by wrapping the stages (threads=1, as the CLI gives)."""
     import jupyter_client.manager
 
     spent: dict[str, float] = collections.defaultdict(float)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import grader
+import reference
 from grader import checks, execute, expected, probe, saved_model
 from grader.results import CellRun, Execution, GradeResult, Submission
 from grader.score import Rubric, score
@@ -34,9 +35,10 @@ from reference.provision import Provisioned
 from reference.spec import Spec
 
 # The code whose change makes a cached run stale: what runs in the kernel, what it is fed, and
-# everything that turns its answers into verdicts.
+# everything that turns its answers into verdicts, the reference's training code included.
 _ENGINE_FILES = ("inkernel.py", "probe.py", "execute.py", "sandbox.py", "expected.py", "saved_model.py",
                  "checks.py")
+_REFERENCE_FILES = ("model.py", "training.py", "data.py")
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,10 @@ class Run:
 
 @functools.cache
 def engine_digest() -> str:
-    package = Path(grader.__file__).parent
     digest = hashlib.sha256()
-    for name in _ENGINE_FILES:
-        digest.update((package / name).read_bytes())
+    for package, names in ((grader, _ENGINE_FILES), (reference, _REFERENCE_FILES)):
+        for name in names:
+            digest.update((Path(package.__file__).parent / name).read_bytes())
     return digest.hexdigest()[:16]
 
 

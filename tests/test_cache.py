@@ -147,6 +147,7 @@ def test_changed_engine_invalidates_the_run(cached, no_execution, monkeypatch):
 def test_engine_digest_covers_the_code_that_runs_and_judges():
     assert {"inkernel.py", "probe.py", "execute.py", "sandbox.py", "expected.py", "saved_model.py",
             "checks.py"} <= set(pipeline._ENGINE_FILES)
+    assert {"model.py", "training.py"} <= set(pipeline._REFERENCE_FILES)
 
 
 @pytest.mark.parametrize("change", [
