@@ -14,12 +14,12 @@ from pathlib import Path, PurePosixPath
 
 import nbformat
 
+from grader.results import Submission
+
 MAX_NOTEBOOK_BYTES = 20_000_000
 MAX_ZIP_MEMBERS = 2_000
 MAX_ZIP_UNPACKED = 500_000_000
 MAX_COMPRESSION_RATIO = 200  # deflate rarely beats 10:1 on notebooks; a bomb goes far past this
-
-from grader.results import Submission  # noqa: E402
 
 
 def collect(paths: Iterable[Path]) -> list[Submission]:
