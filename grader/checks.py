@@ -38,7 +38,6 @@ class Evidence:
     expected: Expected
     probe: dict[str, Any] | None
     notebook: nbformat.NotebookNode | None
-    model_filename: str = "mnist_cnn.pt"
 
 
 Check = Callable[[Evidence], CheckResult]

@@ -124,7 +124,7 @@ def _threads(wanted: int, jobs: int) -> int:
 
 
 def _config(args: argparse.Namespace, out: Path, jobs: int = 1):
-    from grader import pipeline, resources, score
+    from grader import batch, pipeline, resources, score
     from reference import spec
 
     provisioned = _provision(args)
@@ -135,7 +135,7 @@ def _config(args: argparse.Namespace, out: Path, jobs: int = 1):
         raise UserError(str(error)) from None
     hide = tuple(p.resolve() for p in getattr(args, "paths", ()))  # other students' submissions
     return pipeline.Config(provisioned=provisioned, spec=loaded_spec, rubric=rubric,
-                           runs_dir=(out / ".runs").resolve(), threads=_threads(args.threads, jobs),
+                           runs_dir=batch.Layout(out).runs.resolve(), threads=_threads(args.threads, jobs),
                            fast_data=args.fast_data, isolation=args.isolation, hide=hide)
 
 

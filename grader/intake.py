@@ -28,16 +28,12 @@ def collect(paths: Iterable[Path]) -> list[Submission]:
         if path.is_dir():
             for child in sorted(path.rglob("*")):
                 if child.is_file() and child.suffix in (".ipynb", ".zip") and ".ipynb_checkpoints" not in child.parts:
-                    submissions.extend(_from_file(child, _display(child, path)))
+                    submissions.extend(_from_file(child, str(child.relative_to(path))))
         elif path.is_file():
             submissions.extend(_from_file(path, path.name))
         else:
             submissions.append(_rejected(path.name, str(path), f"{path} does not exist"))
     return _unique_ids(submissions)
-
-
-def _display(child: Path, base: Path) -> str:
-    return str(child.relative_to(base))
 
 
 def _from_file(path: Path, display: str) -> list[Submission]:

@@ -182,7 +182,7 @@ def judge(submission: Submission, the_run: Run, config: Config, seconds: float =
     notebook = nbformat.read(notebook_path, as_version=4) if notebook_path.is_file() else None
     evidence = checks.Evidence(spec=config.spec, execution=the_run.execution, saved_model=inspected,
                                expected=expected.compute(the_run.plan, train, test), probe=the_run.answers,
-                               notebook=notebook, model_filename=config.rubric.model_file)
+                               notebook=notebook)
     scored = score(checks.run_checks(evidence, config.rubric.names), config.rubric)
     history = (the_run.answers or {}).get("history")
     return GradeResult(
