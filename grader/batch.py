@@ -98,8 +98,9 @@ def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int) ->
     # kept (a rubric change regrades a class without starting a worker or a notebook).
     to_run = []
     for submission in submissions:
-        if submission.error is not None or pipeline.load_run(submission, config) is not None:
-            yield pipeline.grade(submission, config)
+        kept = None if submission.error is not None else pipeline.load_run(submission, config)
+        if submission.error is not None or kept is not None:
+            yield pipeline.grade(submission, config, kept=kept)
         else:
             to_run.append(submission)
     if jobs <= 1 or len(to_run) <= 1:

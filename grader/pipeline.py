@@ -27,7 +27,7 @@ import torch
 
 import grader
 import reference
-from grader import checks, execute, expected, probe, saved_model
+from grader import checks, execute, expected, export, probe, saved_model
 from grader.results import CellRun, Execution, GradeResult, Submission
 from grader.score import Rubric, score
 from reference import data
@@ -98,14 +98,15 @@ def dataset(config: Config):
     return _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
 
 
-def grade(submission: Submission, config: Config, reuse: bool = True) -> GradeResult:
-    """Grade one submission, reusing its run when nothing that decides the run has changed."""
+def grade(submission: Submission, config: Config, reuse: bool = True, kept: Run | None = None) -> GradeResult:
+    """Grade one submission, reusing its run when nothing that decides the run has changed.
+
+    ``kept``: the run already loaded by a caller that had to look for it anyway."""
     if submission.error is not None:
         return _error_result(submission, config, submission.error)
     started = time.monotonic()
     try:
-        cached = load_run(submission, config) if reuse else None
-        the_run = cached or run(submission, config)
+        the_run = kept or (load_run(submission, config) if reuse else None) or run(submission, config)
         return judge(submission, the_run, config, seconds=time.monotonic() - started)
     except Exception as error:  # one notebook that breaks the grader must not stop a class's batch
         return _error_result(submission, config, f"the grader failed on this notebook "
@@ -250,6 +251,4 @@ def _execution_from_json(raw: dict[str, Any], directory: Path) -> Execution:
 
 
 def _write_json(path: Path, content: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content))
-    os.replace(tmp, path)
+    export.atomic_write_text(path, json.dumps(content))
