@@ -272,7 +272,7 @@ def breakdown(work: Path, root: Path) -> None:
         (saved_model, "inspect", wrap(saved_model, "inspect", "grader: saved_model.inspect")),
         (expected, "compute", wrap(expected, "compute", "grader: expected.compute")),
         (checks, "run_checks", wrap(checks, "run_checks", "grader: checks")),
-        (pipeline, "_figures", wrap(pipeline, "_figures", "grader: figures (matplotlib)")),
+        (pipeline, "_draw_figures", wrap(pipeline, "_draw_figures", "grader: figures (matplotlib)")),
         (pipeline, "_save_run", wrap(pipeline, "_save_run", "grader: save the run")),
     ]
     execute._run_code = timed_run_code

@@ -28,8 +28,8 @@ def compute(plan: Plan, train: tuple[torch.Tensor, torch.Tensor],
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the probe runs single-threaded too; more threads change the last bits
     try:
-        train_loader = data.loader(plan.tensor("train_x"), plan.tensor("train_y"), BATCH_SIZE)
-        test_loader = data.loader(plan.tensor("test_x"), plan.tensor("test_y"), BATCH_SIZE)
+        train_loader = data.loader(_tensor(plan, "train_x"), _tensor(plan, "train_y"), BATCH_SIZE)
+        test_loader = data.loader(_tensor(plan, "test_x"), _tensor(plan, "test_y"), BATCH_SIZE)
 
         net = _net(plan)
         epoch_result = training.train_epoch(net, train_loader, optimizer=_sgd(net))
@@ -53,11 +53,15 @@ def compute(plan: Plan, train: tuple[torch.Tensor, torch.Tensor],
                     dict(history), train_params, items)
 
 
+def _tensor(plan: Plan, name: str) -> torch.Tensor:
+    return torch.from_numpy(plan.arrays[name].copy())
+
+
 def _net(plan: Plan) -> nn.Sequential:
     net = model.make_model()
     with torch.no_grad():
-        net[1].weight.copy_(plan.tensor("init_weight"))
-        net[1].bias.copy_(plan.tensor("init_bias"))
+        net[1].weight.copy_(_tensor(plan, "init_weight"))
+        net[1].bias.copy_(_tensor(plan, "init_bias"))
     return net
 
 

@@ -1,9 +1,11 @@
 """One submission from intake to a scored result.
 
 :func:`run` does the expensive, rubric-independent part (sandbox -> execute -> probe) and keeps what
-it produced in a run directory; :func:`judge` does the rest (checks -> score), so a changed rubric
-regrades from the run directory without executing anything. A run is reused only while its key
-matches: the notebook's hash, the spec, the grading code and the execution settings.
+it produced in a run directory; :func:`judge` does the rest (checks -> score). The checks' verdicts
+and the report's figures depend on the run alone, so they are kept beside it too: a changed rubric
+regrades from the run directory without executing anything, loading the dataset or importing torch.
+A run is reused only while its key matches: the notebook's hash, the spec, the grading code and the
+execution settings.
 """
 from __future__ import annotations
 
@@ -23,16 +25,18 @@ from typing import Any
 
 import nbformat
 import numpy as np
-import torch
 
 import grader
 import reference
-from grader import checks, execute, expected, export, probe, saved_model
-from grader.results import CellRun, Execution, GradeResult, Submission
+from grader import checks, execute, export, probe
+from grader.results import CellRun, CheckResult, Execution, GradeResult, Submission
 from grader.score import Rubric, score
-from reference import data
 from reference.provision import Provisioned
 from reference.spec import Spec
+
+# expected, saved_model, reference.data and figures import torch or matplotlib (seconds per
+# process): they are imported in the functions that compute a run's findings the first time, so a
+# regrade from kept findings never loads them.
 
 # The code whose change makes a cached run stale: what runs in the kernel, what it is fed, and
 # everything that turns its answers into verdicts, the reference's training code included.
@@ -91,6 +95,8 @@ def run_key(submission: Submission, config: Config) -> dict[str, Any]:
 
 @functools.cache
 def _dataset(root: str, torchvision_class: str):
+    from reference import data
+
     return data.read_split(root, torchvision_class, True), data.read_split(root, torchvision_class, False)
 
 
@@ -141,6 +147,8 @@ def run(submission: Submission, config: Config) -> Run:
 def _copy_model_file(source: Path, target: Path) -> None:
     """Keep the student's model file for inspection: a regular file only (never a link or a pipe
     they planted), and no more than one byte past the size limit, enough to report it as too big."""
+    from grader import saved_model
+
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -177,14 +185,8 @@ def load_run(submission: Submission, config: Config) -> Run | None:
 
 
 def judge(submission: Submission, the_run: Run, config: Config, seconds: float = 0.0) -> GradeResult:
-    train, test = dataset(config)
-    inspected = saved_model.inspect(the_run.directory / "model.pt", *test, name=config.rubric.model_file)
-    notebook_path = the_run.directory / "executed.ipynb"
-    notebook = nbformat.read(notebook_path, as_version=4) if notebook_path.is_file() else None
-    evidence = checks.Evidence(spec=config.spec, execution=the_run.execution, saved_model=inspected,
-                               expected=expected.compute(the_run.plan, train, test), probe=the_run.answers,
-                               notebook=notebook)
-    scored = score(checks.run_checks(evidence, config.rubric.names), config.rubric)
+    verdicts, figures = findings(the_run, config)
+    scored = score(verdicts, config.rubric)
     history = (the_run.answers or {}).get("history")
     return GradeResult(
         submission_id=submission.id, source=submission.source, status="graded",
@@ -196,19 +198,41 @@ def judge(submission: Submission, the_run: Run, config: Config, seconds: float =
         isolation=the_run.execution.isolation, fast_data=the_run.execution.fast_data,
         data_profile=config.provisioned.profile, spec_version=config.spec.version,
         rubric_sha256=config.rubric.sha256, seconds=round(seconds or the_run.seconds, 3),
-        graded_at=_now(), figures=_figures(the_run, inspected, test, config),
+        graded_at=_now(), figures=figures,
         student_history=history if isinstance(history, dict) else None,
         reference_history=config.spec.content["history"])
 
 
-def _figures(the_run: Run, inspected: saved_model.SavedModel, test, config: Config) -> dict[str, str]:
-    """The report's pictures; they depend on the run only, so they are drawn once and kept."""
-    kept = the_run.directory / "figures.json"
+def findings(the_run: Run, config: Config) -> tuple[list[CheckResult], dict[str, str]]:
+    """Every check's verdict, before any rubric applies, and the report's figures (base64 PNGs).
+
+    Both depend only on what decides the run (its key holds the spec and the checks' code), so
+    they are computed once and kept in the run directory, which :func:`run` empties on a rerun."""
+    kept = the_run.directory / "findings.json"
     try:
-        return json.loads(kept.read_text())
-    except (OSError, ValueError):
+        saved = json.loads(kept.read_text())
+        verdicts = [CheckResult(**{**v, "warnings": tuple(v["warnings"])}) for v in saved["verdicts"]]
+        if set(config.rubric.names) <= {v.name for v in verdicts}:
+            return verdicts, saved["figures"]
+    except (OSError, ValueError, KeyError, TypeError):
         pass
-    from grader import figures  # matplotlib takes a second to import; a regrade never draws
+    from grader import expected, saved_model
+
+    train, test = dataset(config)
+    inspected = saved_model.inspect(the_run.directory / "model.pt", *test, name=config.rubric.model_file)
+    notebook_path = the_run.directory / "executed.ipynb"
+    notebook = nbformat.read(notebook_path, as_version=4) if notebook_path.is_file() else None
+    evidence = checks.Evidence(spec=config.spec, execution=the_run.execution, saved_model=inspected,
+                               expected=expected.compute(the_run.plan, train, test), probe=the_run.answers,
+                               notebook=notebook)
+    verdicts = checks.run_checks(evidence, list(checks.CHECKS))
+    figures = _draw_figures(the_run, inspected, test, config)
+    _write_json(kept, {"verdicts": [dataclasses.asdict(v) for v in verdicts], "figures": figures})
+    return verdicts, figures
+
+
+def _draw_figures(the_run: Run, inspected, test, config: Config) -> dict[str, str]:
+    from grader import figures
 
     history = (the_run.answers or {}).get("history")
     drawn = {"learning_curves": figures.learning_curves(history if isinstance(history, dict) else None,
@@ -221,7 +245,6 @@ def _figures(the_run: Run, inspected: saved_model.SavedModel, test, config: Conf
             drawn["misclassified"] = figures.misclassified(
                 test[0][index].squeeze(1).numpy(), [m["label"] for m in inspected.misclassified],
                 [m["predicted"] for m in inspected.misclassified])
-    _write_json(kept, drawn)
     return drawn
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,14 +100,18 @@ def test_reuse_false_executes(cached, no_execution):
     _assert_executed_again(pipeline.grade(_submission(cached), cached.config, reuse=False))
 
 
-def test_rubric_points_and_visibility_regrade_without_executing(cached, no_execution, tmp_path):
+def _changed_rubric(tmp_path: Path, extra: str = "") -> Path:
+    """The shipped rubric with data_sizes worth 5 points instead of 1 (and ``extra`` lines for it)."""
     text = resources.RUBRIC_PATH.read_text()
     section = "[checks.data_sizes]\ntitle = \"Training and test sets have the expected sizes\"\npoints = 1\n"
     assert section in text
     changed = tmp_path / "rubric.toml"
-    changed.write_text(text.replace(section, section.replace("points = 1", "points = 5")
-                                    + "visibility = \"hidden\"\n"))
-    rubric = score.load_rubric(changed)
+    changed.write_text(text.replace(section, section.replace("points = 1", "points = 5") + extra))
+    return changed
+
+
+def test_rubric_points_and_visibility_regrade_without_executing(cached, no_execution, tmp_path):
+    rubric = score.load_rubric(_changed_rubric(tmp_path, "visibility = \"hidden\"\n"))
     assert rubric.sha256 != cached.config.rubric.sha256
     config = dataclasses.replace(cached.config, rubric=rubric)
     assert pipeline.run_key(_submission(cached), config) == pipeline.run_key(_submission(cached), cached.config)
@@ -191,3 +197,37 @@ def test_a_rerun_replaces_the_run_and_its_key(cached, monkeypatch):
     _assert_executed_again(pipeline.grade(_submission(cached), config))
     assert not (_run_dir(cached) / "key.json").exists()
     assert pipeline.load_run(_submission(cached), cached.config) is None
+
+
+def test_a_rubric_change_regrades_from_kept_findings_without_torch(cached, tmp_path):
+    """The whole `labgrader grade` command, in a fresh interpreter: kept check verdicts and figures
+    are scored under the new rubric without executing, loading the dataset or importing torch."""
+    out = tmp_path / "out"
+    submission = _submission(cached)
+    shutil.copytree(_run_dir(cached), out / ".runs" / submission.id)
+    changed = _changed_rubric(tmp_path)
+    program = (
+        "import json, sys\n"
+        "from grader import cli\n"
+        f"code = cli.main(['grade', {str(cached.notebook)!r}, '--out', {str(out)!r}, '--rubric', {str(changed)!r},"
+        f" '--dataset', 'mnist', '--root', {str(cached.config.provisioned.root)!r}, '--jobs', '1', '--quiet'])\n"
+        "print(json.dumps({'code': code, 'loaded': sorted(m for m in ('torch', 'torchvision', 'matplotlib')"
+        " if m in sys.modules)}))\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome == {"code": 0, "loaded": []}, done.stderr
+    result = json.loads((out / submission.id / "result.json").read_text())
+    assert result["status"] == "graded" and result["score"] == cached.result.score + 4
+    assert [(c["name"], c["status"], c["message"]) for c in result["checks"]] == [
+        (c.name, c.status, c.message) for c in cached.result.checks]
+    assert result["figures"] == cached.result.figures
+
+
+def test_damaged_findings_are_computed_again(cached, no_execution):
+    findings = _run_dir(cached) / "findings.json"
+    findings.write_text("{not json")
+    again = pipeline.grade(_submission(cached), cached.config)
+    assert again.status == "graded", again.reason
+    assert again.checks == cached.result.checks and again.figures == cached.result.figures
+    assert json.loads(findings.read_text())["figures"] == cached.result.figures

@@ -24,11 +24,12 @@ def test_expected_answers_are_the_references_on_the_plan():
     test = (torch.rand(300, 1, 28, 28, generator=generator), torch.randint(10, (300,), generator=generator))
     plan = probe.make_plan(train, test, seed=3)
     answers = expected.compute(plan, train, test)
+    arrays = {name: torch.from_numpy(array) for name, array in plan.arrays.items()}
     net = model.make_model()
     with torch.no_grad():
-        net[1].weight.copy_(plan.tensor("init_weight"))
-        net[1].bias.copy_(plan.tensor("init_bias"))
-    assert training.validate(net, data.loader(plan.tensor("test_x"), plan.tensor("test_y"))) == answers.validate
+        net[1].weight.copy_(arrays["init_weight"])
+        net[1].bias.copy_(arrays["init_bias"])
+    assert training.validate(net, data.loader(arrays["test_x"], arrays["test_y"])) == answers.validate
     assert len(answers.train_history["train_loss"]) == probe.EPOCHS
     assert not torch.equal(answers.train_epoch_params["weight"], answers.no_zero_grad_params["weight"])
     index = plan.data_indices["data_train"][0]
