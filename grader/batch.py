@@ -104,6 +104,8 @@ def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int) ->
         else:
             to_run.append(submission)
     if jobs <= 1 or len(to_run) <= 1:
+        if to_run:
+            pipeline.prepare(config)
         for submission in to_run:
             yield pipeline.grade(submission, config)
         return
@@ -131,7 +133,7 @@ def _start_worker(config: pipeline.Config, uids) -> None:
     import dataclasses
 
     _worker_config = dataclasses.replace(config, uid=uids.get())
-    pipeline.dataset(_worker_config)  # load the test set once per worker, not per notebook
+    pipeline.prepare(_worker_config)
 
 
 def _grade_in_worker(submission: Submission) -> GradeResult:

@@ -104,6 +104,14 @@ def dataset(config: Config):
     return _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
 
 
+def prepare(config: Config) -> None:
+    """Load, once per process and before the first notebook runs, what every run needs: the
+    dataset (torch with it) and matplotlib for the figures. Not needed to regrade kept runs."""
+    from grader import figures  # noqa: F401
+
+    dataset(config)
+
+
 def grade(submission: Submission, config: Config, reuse: bool = True, kept: Run | None = None) -> GradeResult:
     """Grade one submission, reusing its run when nothing that decides the run has changed.
 
