@@ -4,6 +4,11 @@ Each function builds its own :class:`matplotlib.figure.Figure` (no pyplot, so no
 no GUI backend is ever touched) and hands back the PNG's base64 text, ready for
 ``<img src="data:image/png;base64,...">``. The images are kept small: a report carries four.
 
+They are drawn once per graded run, so they are drawn cheaply: fixed margins rather than
+``tight_layout`` or ``bbox_inches="tight"`` (each costs a full extra draw), and image grids as one
+mosaic on one axes without ticks rather than an axes per image (measured: 1.3 s -> under 0.5 s for
+the four figures on this 2-core machine).
+
 Everything drawn here may come from a student's kernel (their training history, their model's
 weights and predictions), so the inputs are treated as untrusted numbers: non-finite values become
 gaps, over-long series are cut, and labels never reach matplotlib's mathtext parser.
@@ -16,6 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -35,7 +41,7 @@ _REFERENCE_COLOURS = ("#7f7f7f", "#404040", "#a0a0a0", "#606060", "#b0b0b0", "#3
 
 def _png(fig: Figure) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.05)
+    fig.savefig(buf, format="png", dpi=DPI)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -76,6 +82,7 @@ def learning_curves(student: dict[str, list[float]] | None,
     loss panel if it contains "loss". ``student`` is ``None`` when the probe got no history.
     """
     fig = Figure(figsize=(8, 3))
+    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.16, top=0.9, wspace=0.22)
     acc_ax, loss_ax = fig.subplots(1, 2)
     for ax, word, title in ((acc_ax, "acc", "Accuracy"), (loss_ax, "loss", "Loss")):
         for who, history, style, colours in (("reference", reference, "--", _REFERENCE_COLOURS),
@@ -97,7 +104,6 @@ def learning_curves(student: dict[str, list[float]] | None,
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
     return _png(fig)
 
 
@@ -123,14 +129,33 @@ def weight_images(weight: np.ndarray) -> str:
         raise ValueError(f"weight_images: expected a (10, 784) matrix, got shape {w.shape}")
     images = _as_images(w, "weight_images")
     lim = float(np.max(np.abs(images))) or 1.0
-    fig = Figure(figsize=(7.5, 3.2))
-    axes = fig.subplots(2, 5)
-    for digit, (ax, image) in enumerate(zip(axes.flat, images)):
-        ax.imshow(image, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-        ax.set_title(str(digit), fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
+    return _image_grid(images, [str(digit) for digit in range(10)], columns=5, cmap="RdBu_r", vmin=-lim, vmax=lim)
+
+
+_TITLE_ROWS = 10  # mosaic pixels above each image for its title
+_GAP = 4
+_SCALE = 3  # screen pixels per image pixel
+
+
+def _image_grid(images: np.ndarray, titles: list[str], columns: int, cmap: str, vmin: float, vmax: float,
+                empty: str = "") -> str:
+    """28x28 images in a grid, each titled, as one mosaic on one axes: far cheaper to draw than an
+    axes per image. Gaps are NaN, drawn as white."""
+    rows = max(1, math.ceil(len(images) / columns))
+    cell_height, cell_width = _TITLE_ROWS + 28 + _GAP, 28 + _GAP
+    mosaic = np.full((rows * cell_height, columns * cell_width), np.nan)
+    fig = Figure(figsize=(mosaic.shape[1] * _SCALE / DPI, mosaic.shape[0] * _SCALE / DPI))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    for index, (image, title) in enumerate(zip(images, titles)):
+        row, column = divmod(index, columns)
+        top, left = row * cell_height + _TITLE_ROWS, column * cell_width + _GAP // 2
+        mosaic[top:top + 28, left:left + 28] = image
+        ax.text(left + 13.5, top - 1.5, title, ha="center", va="bottom", fontsize=9)
+    ax.imshow(mosaic, cmap=matplotlib.colormaps[cmap].with_extremes(bad="white"), vmin=vmin, vmax=vmax,
+              interpolation="nearest")
+    if empty:
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", fontsize=9)
     return _png(fig)
 
 
@@ -140,9 +165,10 @@ def confusion_matrix(counts: np.ndarray) -> str:
     if c.shape != (10, 10):
         raise ValueError(f"confusion_matrix: expected a (10, 10) array, got shape {c.shape}")
     c = np.where(np.isfinite(c.astype(float)), c, 0).astype(np.int64)
-    fig = Figure(figsize=(5, 4.4))
+    fig = Figure(figsize=(4.4, 4.2))
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.11, top=0.98)
     ax = fig.subplots()
-    im = ax.imshow(c, cmap="Blues", interpolation="nearest")
+    ax.imshow(c, cmap="Blues", interpolation="nearest")
     top = c.max() if c.size else 0
     for i in range(10):
         for j in range(10):
@@ -153,8 +179,6 @@ def confusion_matrix(counts: np.ndarray) -> str:
     ax.tick_params(labelsize=8)
     ax.set_xlabel("predicted", fontsize=9)
     ax.set_ylabel("true", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
-    fig.tight_layout()
     return _png(fig)
 
 
@@ -167,16 +191,6 @@ def misclassified(images: np.ndarray, labels: Sequence[Any], predicted: Sequence
         raise ValueError(f"misclassified: {len(imgs)} images, {len(labels)} labels and "
                          f"{len(predicted)} predictions")
     n = min(len(imgs), MAX_MISCLASSIFIED)
-    cols = max(1, min(n, 4))
-    rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(1.7 * cols, 1.9 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    for ax in axes:
-        ax.set_axis_off()
-    for ax, image, label, pred in zip(axes, imgs[:n], labels[:n], predicted[:n]):
-        ax.imshow(image, cmap="gray", interpolation="nearest")
-        ax.set_title(f"{_plain(label, 16)} → {_plain(pred, 16)}", fontsize=9)
-    if n == 0:
-        axes[0].text(0.5, 0.5, "nothing misclassified", ha="center", va="center", fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
+    titles = [f"{_plain(label, 16)} → {_plain(pred, 16)}" for label, pred in zip(labels[:n], predicted[:n])]
+    return _image_grid(imgs[:n], titles, columns=4 if n == 0 else min(n, 4), cmap="gray", vmin=0.0, vmax=1.0,
+                       empty="" if n else "nothing misclassified")

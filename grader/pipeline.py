@@ -121,7 +121,7 @@ def grade(submission: Submission, config: Config, reuse: bool = True, kept: Run 
     started = time.monotonic()
     try:
         the_run = kept or (load_run(submission, config) if reuse else None) or run(submission, config)
-        return judge(submission, the_run, config, seconds=time.monotonic() - started)
+        return judge(submission, the_run, config, started)
     except Exception as error:  # one notebook that breaks the grader must not stop a class's batch
         return _error_result(submission, config, f"the grader failed on this notebook "
                              f"({type(error).__name__}: {error}); please report it")
@@ -192,7 +192,8 @@ def load_run(submission: Submission, config: Config) -> Run | None:
                saved["seconds"])
 
 
-def judge(submission: Submission, the_run: Run, config: Config, seconds: float = 0.0) -> GradeResult:
+def judge(submission: Submission, the_run: Run, config: Config, started: float) -> GradeResult:
+    """``started``: when grading this submission began (``time.monotonic()``), for its ``seconds``."""
     verdicts, figures = findings(the_run, config)
     scored = score(verdicts, config.rubric)
     history = (the_run.answers or {}).get("history")
@@ -205,7 +206,7 @@ def judge(submission: Submission, the_run: Run, config: Config, seconds: float =
         network_blocked=the_run.execution.network_blocked,
         isolation=the_run.execution.isolation, fast_data=the_run.execution.fast_data,
         data_profile=config.provisioned.profile, spec_version=config.spec.version,
-        rubric_sha256=config.rubric.sha256, seconds=round(seconds or the_run.seconds, 3),
+        rubric_sha256=config.rubric.sha256, seconds=round(time.monotonic() - started, 3),
         graded_at=_now(), figures=figures,
         student_history=history if isinstance(history, dict) else None,
         reference_history=config.spec.content["history"])
