@@ -106,9 +106,15 @@ def dataset(config: Config):
 
 def prepare(config: Config) -> None:
     """Load, once per process and before the first notebook runs, what every run needs: the
-    dataset (torch with it) and matplotlib for the figures. Not needed to regrade kept runs."""
+    dataset (torch with it) and matplotlib for the figures. Not needed to regrade kept runs.
+
+    The process's own torch work (inspecting saved models) gets the kernels' thread count, so
+    workers x threads stays within the cores, as for the kernels."""
+    import torch
+
     from grader import figures  # noqa: F401
 
+    torch.set_num_threads(config.threads)
     dataset(config)
 
 
