@@ -6,8 +6,8 @@ no GUI backend is ever touched) and hands back the PNG's base64 text, ready for
 
 They are drawn once per graded run, so they are drawn cheaply: fixed margins rather than
 ``tight_layout`` or ``bbox_inches="tight"`` (each costs a full extra draw), and image grids as one
-mosaic on one axes without ticks rather than an axes per image (measured: 1.3 s -> under 0.5 s for
-the four figures on this 2-core machine).
+mosaic on one axes without ticks rather than an axes per image (measured: 1.3-1.5 s -> 0.45-0.7 s
+for the four figures on this 2-core machine).
 
 Everything drawn here may come from a student's kernel (their training history, their model's
 weights and predictions), so the inputs are treated as untrusted numbers: non-finite values become

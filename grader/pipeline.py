@@ -71,7 +71,6 @@ class Run:
     execution: Execution
     plan: probe.Plan
     answers: dict[str, Any] | None
-    seconds: float
 
 
 @functools.cache
@@ -134,7 +133,6 @@ def grade(submission: Submission, config: Config, reuse: bool = True, kept: Run 
 
 
 def run(submission: Submission, config: Config) -> Run:
-    started = time.monotonic()
     directory = config.runs_dir / submission.id
     if directory.exists():
         shutil.rmtree(directory)
@@ -153,7 +151,7 @@ def run(submission: Submission, config: Config) -> Run:
         answers = probe.read(answers_path, plan)
         _copy_model_file(workdir / config.rubric.model_file, directory / "model.pt")
     execution = dataclasses.replace(execution, workdir=None, fast_data=config.fast_data)
-    the_run = Run(directory, execution, plan, answers, time.monotonic() - started)
+    the_run = Run(directory, execution, plan, answers)
     _save_run(the_run, run_key(submission, config))
     return the_run
 
@@ -178,8 +176,7 @@ def _save_run(the_run: Run, key: dict[str, Any]) -> None:
     _write_json(directory / "run.json", {
         "execution": _execution_json(the_run.execution), "answers": the_run.answers,
         "plan": {"seed": the_run.plan.seed, "nonce": the_run.plan.nonce,
-                 "data_indices": the_run.plan.data_indices},
-        "seconds": the_run.seconds})
+                 "data_indices": the_run.plan.data_indices}})
     # Written last: a run without its key (an interrupted one) is never reused.
     _write_json(directory / "key.json", key)
 
@@ -194,8 +191,7 @@ def load_run(submission: Submission, config: Config) -> Run | None:
             plan = probe.Plan(arrays={k: arrays[k] for k in arrays.files}, **saved["plan"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return Run(directory, _execution_from_json(saved["execution"], directory), plan, saved["answers"],
-               saved["seconds"])
+    return Run(directory, _execution_from_json(saved["execution"], directory), plan, saved["answers"])
 
 
 def judge(submission: Submission, the_run: Run, config: Config, started: float) -> GradeResult:
