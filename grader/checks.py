@@ -51,11 +51,12 @@ def check(function: Check) -> Check:
     return function
 
 
-def run_checks(evidence: Evidence, names: list[str]) -> list[CheckResult]:
+def run_checks(evidence: Evidence) -> list[CheckResult]:
+    """Every check, whatever the rubric scores: the verdicts are kept and a rubric may change."""
     results = []
-    for name in names:
+    for name, check_function in CHECKS.items():
         try:
-            results.append(CHECKS[name](evidence))
+            results.append(check_function(evidence))
         except Exception as error:  # a malformed probe answer must cost only its own check
             results.append(CheckResult(name, 0.0, "This could not be checked: the values your notebook "
                                        f"produced were not in a usable form ({type(error).__name__})."))

@@ -236,7 +236,7 @@ def findings(the_run: Run, config: Config) -> tuple[list[CheckResult], dict[str,
     evidence = checks.Evidence(spec=config.spec, execution=the_run.execution, saved_model=inspected,
                                expected=expected.compute(the_run.plan, train, test), probe=the_run.answers,
                                notebook=notebook)
-    verdicts = checks.run_checks(evidence, list(checks.CHECKS))
+    verdicts = checks.run_checks(evidence)
     figures = _draw_figures(the_run, inspected, test, config)
     _write_json(kept, {"verdicts": [dataclasses.asdict(v) for v in verdicts], "figures": figures})
     return verdicts, figures
