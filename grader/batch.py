@@ -105,9 +105,9 @@ def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int) ->
             to_run.append(submission)
     if jobs <= 1 or len(to_run) <= 1:
         if to_run:
-            pipeline.prepare(config)
-        for submission in to_run:
-            yield pipeline.grade(submission, config)
+            with pipeline.prepare(config, notebooks=len(to_run)) as kernels:
+                for submission in to_run:
+                    yield pipeline.grade(submission, config, kernels=kernels)
         return
     # spawn, not fork: the parent has torch's thread pools running, which fork does not copy safely.
     context = multiprocessing.get_context("spawn")
@@ -126,15 +126,21 @@ def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int) ->
 
 
 _worker_config: pipeline.Config | None = None
+_worker_kernels = None
 
 
 def _start_worker(config: pipeline.Config, uids) -> None:
-    global _worker_config
+    global _worker_config, _worker_kernels
     import dataclasses
+    from multiprocessing import util
 
     _worker_config = dataclasses.replace(config, uid=uids.get())
-    pipeline.prepare(_worker_config)
+    # A worker can't know whether another notebook will come, so it always has a kernel waiting;
+    # the last one is stopped when the worker exits (multiprocessing runs finalizers with an exit
+    # priority then; atexit handlers don't run in pool workers).
+    _worker_kernels = pipeline.prepare(_worker_config)
+    util.Finalize(_worker_kernels, _worker_kernels.close, exitpriority=10)
 
 
 def _grade_in_worker(submission: Submission) -> GradeResult:
-    return pipeline.grade(submission, _worker_config)
+    return pipeline.grade(submission, _worker_config, kernels=_worker_kernels)

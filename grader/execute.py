@@ -32,7 +32,7 @@ import time
 import traceback as _tb
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import nbformat
 
@@ -306,6 +306,24 @@ def _atomic_write(nb, path: Path) -> None:
         raise
 
 
+@dataclass(frozen=True)
+class Sandboxing:
+    """How every kernel of a process is confined: the same for each notebook it runs.
+
+    ``hide``: host paths the kernel must not see, besides the ``grader``/``reference`` packages and
+    the checkout holding them. It must cover where runs are recorded: a kernel started ahead does
+    not know yet which notebook, and so which record directory, it will get.
+    ``uid``: the job's unprivileged uid (one per concurrent job: RLIMIT_NPROC counts per uid).
+    ``isolation``: ``auto`` (bubblewrap when it works here), ``bubblewrap`` or ``subprocess``.
+    """
+
+    data_root: Path | None = None
+    limits: Limits = Limits()
+    hide: tuple[Path, ...] = ()
+    uid: int = 65534
+    isolation: str = "auto"
+
+
 def execute(
     notebook: nbformat.NotebookNode,
     workdir: Path,
@@ -320,36 +338,227 @@ def execute(
     isolation: str = "auto",
     probe_output: str | None = None,
 ) -> Execution:
-    """Run ``notebook`` in a sandboxed kernel with ``workdir`` as its working directory.
+    """Run ``notebook`` in a kernel of its own, with ``workdir`` (kept) as its working directory.
 
-    ``prelude`` runs before the first cell and ``epilogue`` after the last (unless the kernel
-    died); neither is recorded as a cell nor saved. ``hide``: host paths the kernel must not see
-    (the ``grader``/``reference`` packages, the checkout holding them and ``record_dir`` are added).
-    ``uid``: the job's unprivileged uid (one per concurrent job: RLIMIT_NPROC counts per uid).
-    ``isolation``: ``auto`` (bubblewrap when it works here), ``bubblewrap`` or ``subprocess``.
-    ``probe_output``: a path relative to ``workdir`` the epilogue writes; reported as ``probe_raw``.
+    ``record_dir`` is hidden from the kernel; the rest is as :meth:`Kernel.run` and
+    :class:`Sandboxing` say. A process that runs many notebooks uses :class:`Kernels`."""
+    sandboxing = Sandboxing(data_root, limits, (*hide, Path(record_dir)), uid, isolation)
+    with Kernels(sandboxing, notebooks=1, workdir=Path(workdir)) as kernels, kernels.kernel() as kernel:
+        return kernel.run(notebook, record_dir, prelude=prelude, epilogue=epilogue, probe_output=probe_output)
+
+
+class Kernels:
+    """A process's sandboxed kernels, each started before the notebook it will run is ready for it.
+
+    A kernel takes about a second to start: an interpreter, ipykernel's imports and set-up, all in
+    its own process. Started ahead, while this process loads the dataset or judges the previous
+    notebook, that second is off the next notebook's path. Kernel managers' ZMQ sockets belong to
+    the event loop that made them, so one loop serves all of the process's kernels.
+
+    ``notebooks``: how many notebooks will run, when known: no kernel is started past the last.
+    ``workdir``: the kernels' working directory, kept; by default each kernel gets a new one,
+    deleted with it.
     """
-    t0 = time.monotonic()
-    workdir, record_dir = Path(workdir).resolve(), Path(record_dir).resolve()
-    try:
-        mode, why = sandbox.choose_mode(isolation)
-    except Exception as e:  # bubblewrap demanded but unavailable
-        return Execution(status="not-run", cells=_not_run(notebook), isolation="none",
-                         seconds=0.0, reason=str(e), workdir=workdir)
-    label = sandbox.ISOLATION_LABELS[mode]
-    if mode == sandbox.SUBPROCESS and why:
-        label = f"{label}; {why}"
-    if mode == sandbox.SUBPROCESS and os.geteuid() == 0 and not sandbox.reachable_by_others(sys.executable):
-        label += f"; runs as root: the interpreter is not reachable for uid {uid}"
-    try:
-        return asyncio.run(_execute(notebook, workdir, record_dir, data_root, limits, prelude,
-                                    epilogue, list(hide), uid, mode, label, probe_output, t0))
-    except BaseException as e:  # noqa: BLE001 - never let the machinery's errors escape
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        return Execution(status="not-run", cells=_not_run(notebook), isolation=label,
-                         seconds=time.monotonic() - t0, workdir=workdir,
-                         reason=f"the grader could not run the notebook: {type(e).__name__}: {e}")
+
+    def __init__(self, sandboxing: Sandboxing, notebooks: int | None = None, workdir: Path | None = None):
+        self.sandboxing = sandboxing
+        self._left = notebooks
+        self._workdir = workdir
+        self._loop = asyncio.new_event_loop()
+        self._ahead: Kernel | None = None
+
+    def start_ahead(self) -> None:
+        """Start the next notebook's kernel now, unless one is waiting or no notebook is left."""
+        if self._ahead is None and (self._left is None or self._left > 0):
+            self._ahead = self._start()
+
+    @contextlib.contextmanager
+    def kernel(self) -> Iterator[Kernel]:
+        """The kernel started ahead, or a new one; stopped, and its files removed, on leaving."""
+        kernel, self._ahead = self._ahead or self._start(), None
+        try:
+            yield kernel
+        finally:
+            kernel.close()
+
+    def _start(self) -> Kernel:
+        if self._left is not None:
+            self._left -= 1
+        return Kernel(self._loop, self.sandboxing, self._workdir)
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def __enter__(self) -> Kernels:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class Kernel:
+    """One sandboxed kernel, started at once and waiting for the one notebook :meth:`run` gives it.
+
+    ``workdir``: its working directory, kept; None: a new temporary one, deleted by :meth:`close`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sandboxing: Sandboxing, workdir: Path | None):
+        self.sandboxing = sandboxing
+        self.limits = sandboxing.limits
+        self._loop = loop
+        # TemporaryDirectory, not mkdtemp + rmtree: its clean-up also removes what a notebook left
+        # without write permission.
+        self._own_workdir = None if workdir else tempfile.TemporaryDirectory(
+            prefix="labgrader-work-", ignore_cleanup_errors=True)
+        self.workdir = Path(workdir or self._own_workdir.name).resolve()
+        self.km = None
+        self.sweep_uid: int | None = None
+        self._job: Path | None = None
+        self._log = None
+        self._used = self._stopped = False
+        self.failure: str | None = None  # why it could not start; its notebook is then not run
+        try:
+            self.mode, why = sandbox.choose_mode(sandboxing.isolation)
+        except Exception as e:  # bubblewrap demanded but unavailable
+            self.isolation, self.failure = "none", str(e)
+            return
+        self.isolation = sandbox.ISOLATION_LABELS[self.mode]
+        if self.mode == sandbox.SUBPROCESS and why:
+            self.isolation = f"{self.isolation}; {why}"
+        self.root = os.geteuid() == 0
+        if self.mode == sandbox.SUBPROCESS and self.root and not sandbox.reachable_by_others(sys.executable):
+            self.root = False  # cannot drop to the job uid without namespaces: the label says so
+            self.isolation += f"; runs as root: the interpreter is not reachable for uid {sandboxing.uid}"
+        try:
+            loop.run_until_complete(self._launch())
+        except Exception as e:  # noqa: BLE001 - becomes the notebook's reason, never an escape
+            self.failure = self.did_not_start(e)
+
+    async def _launch(self) -> None:
+        from jupyter_client.kernelspec import KernelSpecManager
+        from jupyter_client.manager import AsyncKernelManager
+
+        s = self.sandboxing
+        uid, gid = (s.uid, s.uid) if self.root else (os.getuid(), os.getgid())
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        mounts = [self.workdir]
+        if s.data_root is not None and self.mode == sandbox.BUBBLEWRAP:
+            (self.workdir / "data").mkdir(exist_ok=True)  # mount point for the read-only dataset
+            mounts.append(self.workdir / "data")
+        if self.root:  # what the notebook finds in it later is handed over when it runs
+            for p in mounts:
+                os.chown(p, uid, gid)
+        self._job = job = Path(tempfile.mkdtemp(prefix="lg-"))  # short path: Unix socket names are <108 bytes
+        os.chmod(job, 0o711)
+        ipc = job / "ipc"
+        ipc.mkdir(mode=0o700)
+        if self.root:
+            os.chown(ipc, uid, gid)
+        config = sandbox.SandboxConfig(
+            workdir=str(self.workdir), ipc_dir=str(ipc), mode=self.mode,
+            data_root=str(Path(s.data_root).resolve()) if s.data_root is not None else None,
+            hide=tuple(str(Path(h).resolve()) for h in [*s.hide, job / "kernels", job / "runtime",
+                                                        job / "kernel.log"]),
+            uid=uid, gid=gid, drop_uid=self.root,
+            memory_bytes=self.limits.memory_bytes, processes=self.limits.processes,
+            file_size_bytes=self.limits.file_size_bytes, tmp_bytes=self.limits.tmp_bytes,
+            cpu_seconds=int(self.limits.cpu_seconds or self.limits.notebook_timeout + 60),
+            threads=self.limits.threads)
+        specdir = job / "kernels" / sandbox.KERNEL_NAME
+        specdir.mkdir(parents=True)
+        (job / "kernels").chmod(0o700)
+        (specdir / "kernel.json").write_text(json.dumps({
+            "argv": sandbox.kernel_command(config), "display_name": "labgrader sandbox",
+            "language": "python", "interrupt_mode": "message", "env": {}}))
+        (job / "runtime").mkdir(mode=0o700)
+        self._log = open(job / "kernel.log", "wb")  # the kernel's own stderr (size capped by RLIMIT_FSIZE)
+        ksm = KernelSpecManager(kernel_dirs=[str(job / "kernels")], ensure_native_kernel=False)
+        self.km = AsyncKernelManager(kernel_name=sandbox.KERNEL_NAME, kernel_spec_manager=ksm,
+                                     transport="ipc", ip=str(ipc / "k"),
+                                     connection_file=str(job / "runtime" / "connection.json"))
+        # Without a pid namespace, processes the kernel left behind are found by uid; only a
+        # dedicated job uid is swept (65534 may be shared with unrelated processes).
+        job_uid = s.uid if self.root else None
+        self.sweep_uid = job_uid if self.mode == sandbox.SUBPROCESS and job_uid not in (None, 0, 65534) else None
+        await asyncio.wait_for(self.km.start_kernel(stdout=subprocess.DEVNULL, stderr=self._log,
+                                                    stdin=subprocess.DEVNULL), STARTUP_TIMEOUT)
+
+    def did_not_start(self, error: Exception) -> str:
+        code = _returncode(self.km) if self.km is not None and self.km.has_kernel else None
+        tail = ""
+        if self._log is not None:
+            self._log.flush()
+            tail = (self._job / "kernel.log").read_bytes()[-1500:].decode("utf-8", "replace").strip()
+        return (f"the kernel did not start ({type(error).__name__}: {error})"
+                + (f"; {_exit_reason(code)}" if code is not None else "")
+                + (f"; its last words: {tail}" if tail else ""))
+
+    def kill(self) -> None:
+        """SIGKILL the kernel's process group (bwrap: the whole pid namespace goes with it)."""
+        _kill_group(self.km, self.sweep_uid)
+
+    def run(self, notebook: nbformat.NotebookNode, record_dir: Path, *, prelude: str = "",
+            epilogue: str = "", probe_output: str | None = None) -> Execution:
+        """Run ``notebook`` cell by cell, and write it, executed, into ``record_dir``, which
+        ``Sandboxing.hide`` must cover.
+
+        ``prelude`` runs before the first cell and ``epilogue`` after the last (unless the kernel
+        died); neither is recorded as a cell nor saved. ``probe_output``: a path relative to the
+        workdir the epilogue writes; reported as ``probe_raw``."""
+        t0 = time.monotonic()
+        record_dir = Path(record_dir).resolve()
+        if not any(record_dir.is_relative_to(Path(h).resolve()) for h in self.sandboxing.hide):
+            raise ValueError(f"{record_dir} would be visible to the kernel: Sandboxing.hide must cover it")
+        if self._used:
+            raise RuntimeError("a kernel runs one notebook")
+        self._used = True
+        if self.failure is not None:
+            return Execution(status="not-run", cells=_not_run(notebook), isolation=self.isolation,
+                             seconds=0.0, reason=self.failure, workdir=self.workdir)
+        try:
+            return self._loop.run_until_complete(
+                _run(self, notebook, record_dir, prelude, epilogue, probe_output, t0))
+        except BaseException as e:  # noqa: BLE001 - never let the machinery's errors escape
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            return Execution(status="not-run", cells=_not_run(notebook), isolation=self.isolation,
+                             seconds=time.monotonic() - t0, workdir=self.workdir,
+                             reason=f"the grader could not run the notebook: {type(e).__name__}: {e}")
+        finally:
+            self._cancel_leftover_tasks()
+
+    async def stop(self, client=None) -> None:
+        if not self._stopped and self.km is not None:
+            self._stopped = True
+            await _shutdown(client, self.km, self.sweep_uid)
+
+    def close(self) -> None:
+        """Stop the kernel if it still runs and remove its files (and its workdir, if its own)."""
+        try:
+            if not self._loop.is_closed():
+                self._loop.run_until_complete(self.stop())
+                self._cancel_leftover_tasks()
+        finally:
+            if self._log is not None:
+                self._log.close()
+            if self._job is not None:
+                shutil.rmtree(self._job, ignore_errors=True)
+            if self._own_workdir is not None:
+                self._own_workdir.cleanup()
+
+    def _cancel_leftover_tasks(self) -> None:
+        # What asyncio.run does on leaving: tasks nbclient leaves behind are cancelled, not left
+        # pending on the loop the next kernel uses.
+        leftover = asyncio.all_tasks(self._loop)
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            self._loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
 
 
 def _not_run(nb) -> tuple[CellRun, ...]:
@@ -357,62 +566,22 @@ def _not_run(nb) -> tuple[CellRun, ...]:
                  for i, c in enumerate(nb.cells) if c.cell_type == "code")
 
 
-async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue, hide, uid,
-                   mode, label, probe_output, t0) -> Execution:
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
+async def _run(kernel: Kernel, nb, record_dir: Path, prelude: str, epilogue: str, probe_output: str | None,
+               t0: float) -> Execution:
     from nbclient.exceptions import DeadKernelError
 
     nb = nbformat.from_dict(json.loads(json.dumps(nb)))  # our own copy
-    root = os.geteuid() == 0
-    if mode == sandbox.SUBPROCESS and root and not sandbox.reachable_by_others(sys.executable):
-        root = False  # cannot drop to the job uid without namespaces: the label says so
-    job_uid = uid if root else None
-    gid = uid if root else os.getgid()
-    workdir.mkdir(parents=True, exist_ok=True)
+    km, limits, workdir = kernel.km, kernel.limits, kernel.workdir
     record_dir.mkdir(parents=True, exist_ok=True)
-    if data_root is not None and mode == sandbox.BUBBLEWRAP:
-        (workdir / "data").mkdir(exist_ok=True)  # mount point for the read-only dataset
-    if root:
+    if kernel.root:  # what the caller put in the workdir since the kernel started
+        uid = kernel.sandboxing.uid
         for p in [workdir, *[q for q in workdir.rglob("*") if not q.is_symlink()]]:
-            os.chown(p, uid, gid)
-
-    job = Path(tempfile.mkdtemp(prefix="lg-"))  # short path: Unix socket names are <108 bytes
-    os.chmod(job, 0o711)
-    ipc = job / "ipc"
-    ipc.mkdir(mode=0o700)
-    if root:
-        os.chown(ipc, uid, gid)
-    config = sandbox.SandboxConfig(
-        workdir=str(workdir), ipc_dir=str(ipc), mode=mode,
-        data_root=str(Path(data_root).resolve()) if data_root is not None else None,
-        hide=tuple(str(Path(h).resolve()) for h in [*hide, record_dir, job / "kernels", job / "runtime",
-                                                    job / "kernel.log"]),
-        uid=uid if root else os.getuid(), gid=gid, drop_uid=root,
-        memory_bytes=limits.memory_bytes, processes=limits.processes,
-        file_size_bytes=limits.file_size_bytes, tmp_bytes=limits.tmp_bytes,
-        cpu_seconds=int(limits.cpu_seconds or limits.notebook_timeout + 60), threads=limits.threads)
-    specdir = job / "kernels" / sandbox.KERNEL_NAME
-    specdir.mkdir(parents=True)
-    (job / "kernels").chmod(0o700)
-    (specdir / "kernel.json").write_text(json.dumps({
-        "argv": sandbox.kernel_command(config), "display_name": "labgrader sandbox",
-        "language": "python", "interrupt_mode": "message", "env": {}}))
-    (job / "runtime").mkdir(mode=0o700)
-    log = open(job / "kernel.log", "wb")  # the kernel's own stderr (size capped by RLIMIT_FSIZE)
-
-    ksm = KernelSpecManager(kernel_dirs=[str(job / "kernels")], ensure_native_kernel=False)
-    km = AsyncKernelManager(kernel_name=sandbox.KERNEL_NAME, kernel_spec_manager=ksm,
-                            transport="ipc", ip=str(ipc / "k"),
-                            connection_file=str(job / "runtime" / "connection.json"))
+            os.chown(p, uid, uid)
     killed: list[str] = []
-    # Without a pid namespace, processes the kernel left behind are found by uid; only a dedicated
-    # job uid is swept (65534 may be shared with unrelated processes).
-    sweep_uid = job_uid if mode == sandbox.SUBPROCESS and job_uid not in (None, 0, 65534) else None
 
     def killer(why: str) -> None:
         killed.append(why)
-        _kill_group(km, sweep_uid)
+        kernel.kill()
 
     client = _make_client_class()(
         nb, km, output_bytes=limits.output_bytes, killer=killer, allow_errors=True,
@@ -424,22 +593,12 @@ async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue
     status, reason = "completed", None
     probe_error = None
     kernel_alive = False
-    started = None
     deadline = t0 + limits.notebook_timeout
     try:
-        ts = time.monotonic()
         try:
-            await asyncio.wait_for(km.start_kernel(stdout=subprocess.DEVNULL, stderr=log,
-                                                   stdin=subprocess.DEVNULL), STARTUP_TIMEOUT)
             await asyncio.wait_for(client.async_start_new_kernel_client(), STARTUP_TIMEOUT + 5)
         except Exception as e:
-            code = _returncode(km) if km.has_kernel else None
-            log.flush()
-            tail = (job / "kernel.log").read_bytes()[-1500:].decode("utf-8", "replace").strip()
-            raise RuntimeError(f"the kernel did not start ({type(e).__name__}: {e})"
-                               + (f"; {_exit_reason(code)}" if code is not None else "")
-                               + (f"; its last words: {tail}" if tail else ""))
-        started = time.monotonic() - ts
+            raise RuntimeError(kernel.did_not_start(e))
         kernel_alive = True
 
         if prelude.strip():
@@ -550,9 +709,7 @@ async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue
         if not isinstance(e, RuntimeError):
             reason += "\n" + "".join(_tb.format_exception(e)[-3:])
     finally:
-        await _shutdown(client, km, sweep_uid)
-        log.close()
-        shutil.rmtree(job, ignore_errors=True)
+        await kernel.stop(client)
 
     for index, cell in enumerate(nb.cells):
         if cell.cell_type == "code" and index not in cells:
@@ -578,7 +735,7 @@ async def _execute(nb, workdir, record_dir, data_root, limits, prelude, epilogue
         if timeouts:
             reason = "cells timed out and were interrupted: " + ", ".join(str(i + 1) for i in timeouts)
     return Execution(
-        status=status, cells=tuple(cells[i] for i in sorted(cells)), isolation=label,
+        status=status, cells=tuple(cells[i] for i in sorted(cells)), isolation=kernel.isolation,
         seconds=round(time.monotonic() - t0, 3), reason=reason,
         output_truncated=client.output_truncated, network_blocked=network,
         executed_notebook=executed, workdir=workdir, probe_raw=raw,
@@ -610,11 +767,13 @@ async def _run_code(client, code: str, timeout: float, killer) -> dict | None:
 
 
 async def _shutdown(client, km, uid) -> None:
-    with contextlib.suppress(Exception):
-        client.stop_monitor()
-    with contextlib.suppress(Exception):
-        if client.kc is not None:
-            client.kc.stop_channels()
+    """``client``: None for a kernel started ahead that never ran a notebook."""
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.stop_monitor()
+        with contextlib.suppress(Exception):
+            if client.kc is not None:
+                client.kc.stop_channels()
     try:
         if km.has_kernel:
             await asyncio.wait_for(km.shutdown_kernel(now=True), 10)
@@ -623,5 +782,6 @@ async def _shutdown(client, km, uid) -> None:
     _kill_group(km, uid)
     with contextlib.suppress(Exception):
         await km.cleanup_resources()
-    with contextlib.suppress(Exception):
-        client.zmq_context.destroy(linger=0)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.zmq_context.destroy(linger=0)

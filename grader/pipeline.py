@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -58,9 +57,11 @@ class Config:
     uid: int = 65534
     hide: tuple[Path, ...] = ()  # besides what execute always hides: the grader, reference and checkout
 
-    def limits(self) -> execute.Limits:
-        return execute.Limits(cell_timeout=self.rubric.cell_timeout,
-                              notebook_timeout=self.rubric.notebook_timeout, threads=self.threads)
+    def sandboxing(self) -> execute.Sandboxing:
+        limits = execute.Limits(cell_timeout=self.rubric.cell_timeout,
+                                notebook_timeout=self.rubric.notebook_timeout, threads=self.threads)
+        return execute.Sandboxing(data_root=self.provisioned.root, limits=limits,
+                                  hide=(*self.hide, self.runs_dir), uid=self.uid, isolation=self.isolation)
 
 
 @dataclass(frozen=True)
@@ -103,53 +104,65 @@ def dataset(config: Config):
     return _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
 
 
-def prepare(config: Config) -> None:
-    """Load, once per process and before the first notebook runs, what every run needs: the
-    dataset (torch with it) and matplotlib for the figures. Not needed to regrade kept runs.
+def prepare(config: Config, notebooks: int | None = None) -> execute.Kernels:
+    """Start the first notebook's kernel, and load, while it starts, what every run needs: the
+    dataset (torch with it) and matplotlib for the figures. Once per process, before its first
+    notebook; a regrade of kept runs needs none of it.
 
+    ``notebooks``: how many this process will run, when known (see :class:`execute.Kernels`).
     The process's own torch work (inspecting saved models) gets the kernels' thread count, so
     workers x threads stays within the cores, as for the kernels."""
-    import torch
+    kernels = execute.Kernels(config.sandboxing(), notebooks)
+    try:
+        kernels.start_ahead()
+        import torch
 
-    from grader import figures  # noqa: F401
+        from grader import figures  # noqa: F401
 
-    torch.set_num_threads(config.threads)
-    dataset(config)
+        torch.set_num_threads(config.threads)
+        dataset(config)
+    except BaseException:
+        kernels.close()
+        raise
+    return kernels
 
 
-def grade(submission: Submission, config: Config, reuse: bool = True, kept: Run | None = None) -> GradeResult:
+def grade(submission: Submission, config: Config, reuse: bool = True, kept: Run | None = None,
+          kernels: execute.Kernels | None = None) -> GradeResult:
     """Grade one submission, reusing its run when nothing that decides the run has changed.
 
-    ``kept``: the run already loaded by a caller that had to look for it anyway."""
+    ``kept``: the run already loaded by a caller that had to look for it anyway. ``kernels``: the
+    process's, from :func:`prepare`; without them a run prepares its own."""
     if submission.error is not None:
         return _error_result(submission, config, submission.error)
     started = time.monotonic()
     try:
-        the_run = kept or (load_run(submission, config) if reuse else None) or run(submission, config)
+        the_run = kept or (load_run(submission, config) if reuse else None) or run(submission, config, kernels)
         return judge(submission, the_run, config, started)
     except Exception as error:  # one notebook that breaks the grader must not stop a class's batch
         return _error_result(submission, config, f"the grader failed on this notebook "
                              f"({type(error).__name__}: {error}); please report it")
 
 
-def run(submission: Submission, config: Config) -> Run:
+def run(submission: Submission, config: Config, kernels: execute.Kernels | None = None) -> Run:
+    if kernels is None:
+        with prepare(config, notebooks=1) as own:
+            return run(submission, config, own)
     directory = config.runs_dir / submission.id
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     (train, test) = dataset(config)
     plan = probe.make_plan(train, test)
-    with tempfile.TemporaryDirectory(prefix="labgrader-work-") as work:
-        workdir = Path(work)
-        plan_path, answers_path = probe.write_inputs(plan, workdir)
+    with kernels.kernel() as kernel:
+        plan_path, answers_path = probe.write_inputs(plan, kernel.workdir)
         notebook = nbformat.reads(submission.notebook.decode(), as_version=4)
-        execution = execute.execute(
-            notebook, workdir, directory, data_root=config.provisioned.root, limits=config.limits(),
-            prelude=probe.prelude_code(config.seed, config.threads, config.fast_data),
-            epilogue=probe.probe_code(plan_path, answers_path), hide=config.hide + (config.runs_dir,),
-            uid=config.uid, isolation=config.isolation, probe_output=answers_path.name)
+        execution = kernel.run(
+            notebook, directory, prelude=probe.prelude_code(config.seed, config.threads, config.fast_data),
+            epilogue=probe.probe_code(plan_path, answers_path), probe_output=answers_path.name)
         answers = probe.read(answers_path, plan)
-        _copy_model_file(workdir / config.rubric.model_file, directory / "model.pt")
+        _copy_model_file(kernel.workdir / config.rubric.model_file, directory / "model.pt")
+    kernels.start_ahead()  # the next notebook's kernel starts while this one is judged
     execution = dataclasses.replace(execution, workdir=None, fast_data=config.fast_data)
     the_run = Run(directory, execution, plan, answers)
     _save_run(the_run, run_key(submission, config))

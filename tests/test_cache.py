@@ -2,8 +2,9 @@
 
 One real grading of lab/examples/correct.ipynb (on the mnist-sample profile) fills a run directory
 once for the module; each test works on its own copy of it. "Executed" is detected by replacing
-``grader.execute.execute`` with a function that raises: the pipeline turns that into an error result
-whose reason names it, so a test sees whether the cache was bypassed without running a kernel.
+``grader.execute.Kernel.run`` with a function that raises: the pipeline turns that into an error
+result whose reason names it, so a test sees whether the cache was bypassed without running a
+notebook.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def cached(graded_once, tmp_path) -> Graded:
 
 @pytest.fixture
 def no_execution(monkeypatch):
-    monkeypatch.setattr(execute, "execute", _refuse)
+    monkeypatch.setattr(execute.Kernel, "run", _refuse)
 
 
 def _submission(graded: Graded):
@@ -192,7 +193,7 @@ def test_damaged_run_is_not_reused(cached, no_execution, damage):
 
 def test_a_rerun_replaces_the_run_and_its_key(cached, monkeypatch):
     """A failed re-execution leaves no stale key behind: the old run cannot come back."""
-    monkeypatch.setattr(execute, "execute", _refuse)
+    monkeypatch.setattr(execute.Kernel, "run", _refuse)
     config = dataclasses.replace(cached.config, seed=7)
     _assert_executed_again(pipeline.grade(_submission(cached), config))
     assert not (_run_dir(cached) / "key.json").exists()

@@ -1,13 +1,16 @@
 """The execute stage against real kernels (nbclient + ipykernel, sandboxed when bubblewrap works).
 
-Each test builds a small notebook, runs it through :func:`grader.execute.execute` and checks what the
-executor recorded, never what the kernel claims.
+Each test builds a small notebook, runs it through :func:`grader.execute.execute` (or a kernel of
+:class:`grader.execute.Kernels`, started ahead) and checks what the executor recorded, never what the
+kernel claims.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ import nbformat
 import pytest
 from nbformat import v4
 
-from grader.execute import INTERRUPT_GRACE, Limits, execute
+from grader.execute import INTERRUPT_GRACE, Kernels, Limits, Sandboxing, execute
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = Limits(cell_timeout=20, notebook_timeout=120)
@@ -245,3 +248,57 @@ def test_fallback_subprocess_records_weaker_isolation(tmp_path):
     assert ex.isolation.startswith("subprocess (weaker: no namespaces)")
     assert [c.status for c in ex.cells] == ["ok", "error", "ok"]
     assert saved(ex).cells[0].outputs[0]["text"].strip() == str((tmp_path / "work").resolve())
+
+
+def _children() -> set[int]:
+    """This process's live child processes (a kernel's wrapper is one)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if parent == str(os.getpid()) and state != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_a_kernel_started_ahead_runs_the_next_notebook_fresh(tmp_path):
+    record = tmp_path / "record"
+    before = _children()
+    with Kernels(Sandboxing(limits=FAST, hide=(record,)), notebooks=2) as kernels:
+        kernels.start_ahead()
+        waiting = _children() - before
+        assert len(waiting) == 1  # started before any notebook was given
+        with kernels.kernel() as first:
+            assert first.km.provisioner.process.pid in waiting
+            ex = first.run(notebook("open('mine.txt', 'w').write('x')\nsecret = 42"), record / "first")
+            first_workdir = first.workdir
+        assert ex.status == "completed" and (first_workdir / "mine.txt").exists() is False
+        kernels.start_ahead()
+        with kernels.kernel() as second:
+            assert second.workdir != first_workdir
+            ex = second.run(notebook("import os\nprint(sorted(os.listdir('.')), 'secret' in globals())"),
+                            record / "second")
+        assert ex.status == "completed"
+        assert saved(ex).cells[0].outputs[0]["text"] == "[] False\n"  # nothing of the first notebook
+        kernels.start_ahead()  # both notebooks have run: no third kernel
+        assert _children() == before
+    assert _children() == before
+
+
+def test_closing_stops_a_kernel_started_ahead_and_removes_its_workdir(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    before = _children()
+    kernels = Kernels(Sandboxing(limits=FAST, hide=(tmp_path / "record",)))
+    kernels.start_ahead()
+    assert len(_children() - before) == 1 and len(list(tmp_path.glob("labgrader-work-*"))) == 1
+    kernels.close()
+    assert _children() == before
+    assert list(tmp_path.iterdir()) == []  # its workdir and its job files
+
+
+def test_a_record_dir_the_kernel_could_see_is_refused(tmp_path):
+    with Kernels(Sandboxing(limits=FAST), notebooks=1) as kernels, kernels.kernel() as kernel:
+        with pytest.raises(ValueError, match="visible to the kernel"):
+            kernel.run(notebook("print(1)"), tmp_path / "record")

@@ -1,10 +1,14 @@
-"""Workers that fit the machine: what a grading process sets up before its first notebook, and the
-thread count each kernel gets."""
+"""Workers that fit the machine: what a grading process sets up before its first notebook, the
+thread count each kernel gets, and the kernels they start ahead."""
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-from grader import cli, pipeline
+import nbformat
+import torch
+from nbformat import v4
+
+from grader import batch, cli, intake, pipeline
 
 
 def test_prepare_loads_the_dataset_and_holds_torch_to_the_kernels_threads(grading_config):
@@ -13,8 +17,8 @@ def test_prepare_loads_the_dataset_and_holds_torch_to_the_kernels_threads(gradin
     pipeline._dataset.cache_clear()
     try:
         torch.set_num_threads(2)
-        pipeline.prepare(config)
-        assert torch.get_num_threads() == 1
+        with pipeline.prepare(config, notebooks=1):
+            assert torch.get_num_threads() == 1
         train, test = pipeline.dataset(config)
         assert (len(train[0]), len(test[0])) == (config.provisioned.train_size, config.provisioned.test_size)
         assert pipeline._dataset.cache_info().hits >= 1  # loaded by prepare, not again per notebook
@@ -29,3 +33,31 @@ def test_threads_per_kernel_times_jobs_never_exceeds_the_cores(monkeypatch):
     assert cli._threads(8, jobs=2) == 2
     assert cli._threads(3, jobs=3) == 1
     assert cli._threads(2, jobs=8) == 1  # never zero, even when the jobs alone fill the cores
+
+
+def test_workers_run_each_notebook_in_a_kernel_started_ahead_and_leave_none_behind(
+        grading_config, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"  # the workers' temporary files: kernels' workdirs and job files
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # read by the spawned workers
+    submissions = tmp_path / "submissions"
+    submissions.mkdir()
+    for index in range(3):
+        cell = f"import os\nprint(sorted(os.listdir('.')))\nopen('left-by-{index}', 'w').close()"
+        nbformat.write(v4.new_notebook(cells=[v4.new_code_cell(cell)]), submissions / f"s{index}.ipynb")
+    config = grading_config(runs_dir=tmp_path / "out" / ".runs")
+    results = batch.grade_all(intake.collect([submissions]), config, tmp_path / "out", jobs=2, progress=False)
+    assert [(r.status, r.execution_status) for r in results] == [("graded", "completed")] * 3
+    for result in results:  # each in a workdir of its own: no file another notebook left
+        executed = nbformat.read(tmp_path / "out" / ".runs" / result.submission_id / "executed.ipynb", 4)
+        assert "left-by" not in executed.cells[0].outputs[0]["text"]
+    # Every worker had one more kernel waiting when it exited: stopped, its files removed.
+    assert list(scratch.iterdir()) == []
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _mentions(p, str(scratch))]
+
+
+def _mentions(cmdline: Path, text: str) -> bool:
+    try:
+        return text.encode() in cmdline.read_bytes()
+    except OSError:
+        return False
