@@ -302,3 +302,11 @@ def test_a_record_dir_the_kernel_could_see_is_refused(tmp_path):
     with Kernels(Sandboxing(limits=FAST), notebooks=1) as kernels, kernels.kernel() as kernel:
         with pytest.raises(ValueError, match="visible to the kernel"):
             kernel.run(notebook("print(1)"), tmp_path / "record")
+
+
+def test_the_kernel_imports_from_its_workdir_and_loads_no_debugger(tmp_path):
+    ex = run(tmp_path, "open('helper.py', 'w').write('VALUE = 3')", "import helper\nprint(helper.VALUE)",
+             "import debugpy")
+    assert [c.status for c in ex.cells] == ["ok", "ok", "error"]
+    assert saved(ex).cells[1].outputs[0]["text"] == "3\n"  # as under python -m ipykernel_launcher
+    assert ex.cells[2].error.startswith(("ModuleNotFoundError", "ImportError"))
