@@ -1,6 +1,6 @@
 """labgrader's speed figures on full Fashion-MNIST, each measured side by side in one run.
 
-    .venv/bin/python benchmarks/run.py            # about 5-6 minutes on 2 cores
+    .venv/bin/python benchmarks/run.py            # about 7-8 minutes on 2 cores
     .venv/bin/python benchmarks/run.py --quick    # fewer copies, about 3 minutes
 
 Not a test: timings on a shared 2-core machine are noisy, so every figure is a ratio or a total
@@ -160,6 +160,8 @@ def batch_throughput(work: Path, root: Path, copies: int, single: float | None) 
         cells[jobs] = sum(c.get("seconds") or 0 for r in check_graded(out, copies) for c in r["cells"])
     info(f"{copies} notebooks: --jobs 1 {seconds[1]:.1f} s ({copies / seconds[1] * 60:.2f}/min), "
          f"--jobs 2 {seconds[2]:.1f} s ({copies / seconds[2] * 60:.2f}/min)")
+    info(f"cells per notebook: {cells[1] / copies:.1f} s with one kernel at a time, {cells[2] / copies:.1f} s with "
+         f"two side by side ({cells[2] / cells[1] - 1:+.0%}: the kernels slowing each other on the shared cores)")
     ratio = seconds[1] / seconds[2]
     figure(f"b. throughput --jobs 2 / --jobs 1 ({copies} notebooks)", ratio, "x", ">= 1.7x", ratio >= 1.7)
     if single is not None and copies > 1:
@@ -285,7 +287,7 @@ def breakdown(work: Path, root: Path) -> None:
         try:
             return await run_code(client, code, timeout, killer)
         finally:
-            label = ("kernel: prelude (seeds; imports torch, torchvision)" if not grader_code
+            label = ("kernel: prelude (seeds, threads, import hooks)" if not grader_code
                      else "kernel: probe (epilogue)")
             grader_code.append(label)
             spent[label] += time.monotonic() - t0
@@ -332,21 +334,19 @@ def breakdown(work: Path, root: Path) -> None:
         print(f"  {label:58s} {seconds:6.2f} s")
     slow = sorted(result.cells, key=lambda c: -(c.seconds or 0))[:4]
     print("  slowest cells: " + ", ".join(f"#{c.index} {c.seconds:.2f} s ({c.source_head[:30]!r})" for c in slow))
-    prelude = spent["kernel: prelude (seeds; imports torch, torchvision)"]
-    info(f"overhead outside the cells in this run: {total - cells:.2f} s, of which the prelude's imports "
-         f"{prelude:.2f} s (a notebook pays them in its first cell under nbconvert)")
+    info(f"overhead outside the cells in this run: {total - cells:.2f} s")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 copies for (b), 10 for (c)")
-    parser.add_argument("--copies", type=int, help="notebooks for the batch figure (default 4; 2 with --quick)")
+    parser.add_argument("--copies", type=int, help="notebooks for the batch figure (default 8; 2 with --quick)")
     parser.add_argument("--regrade", type=int, help="submissions to regrade (default 20; 10 with --quick)")
     parser.add_argument("--skip", default="", help="comma-separated figures to skip: a,b,c,breakdown")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()
-    copies = args.copies or (2 if args.quick else 4)
+    copies = args.copies or (2 if args.quick else 8)
     count = args.regrade or (10 if args.quick else 20)
     skip = set(filter(None, args.skip.split(",")))
     sys.path.insert(0, str(REPO))
