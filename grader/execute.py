@@ -375,7 +375,11 @@ class Kernels:
     @contextlib.contextmanager
     def kernel(self) -> Iterator[Kernel]:
         """The kernel started ahead, or a new one; stopped, and its files removed, on leaving."""
-        kernel, self._ahead = self._ahead or self._start(), None
+        kernel, self._ahead = self._ahead, None
+        if kernel is not None and kernel.exited():  # it died waiting: no notebook should pay for that
+            kernel.close()
+            kernel = None
+        kernel = kernel or self._start()
         try:
             yield kernel
         finally:
@@ -499,8 +503,13 @@ class Kernel:
                 + (f"; its last words: {tail}" if tail else ""))
 
     def kill(self) -> None:
-        """SIGKILL the kernel's process group (bwrap: the whole pid namespace goes with it)."""
         _kill_group(self.km, self.sweep_uid)
+
+    def exited(self) -> bool:
+        """Whether the kernel's process has ended (it never started counts as not exited: the
+        notebook is then given the reason)."""
+        process = getattr(getattr(self.km, "provisioner", None), "process", None)
+        return process is not None and process.poll() is not None
 
     def run(self, notebook: nbformat.NotebookNode, record_dir: Path, *, prelude: str = "",
             epilogue: str = "", probe_output: str | None = None) -> Execution:

@@ -287,6 +287,19 @@ def test_a_kernel_started_ahead_runs_the_next_notebook_fresh(tmp_path):
     assert _children() == before
 
 
+def test_a_kernel_that_died_while_waiting_is_replaced(tmp_path):
+    record = tmp_path / "record"
+    with Kernels(Sandboxing(limits=FAST, hide=(record,))) as kernels:
+        kernels.start_ahead()
+        waiting = kernels._ahead
+        waiting.kill()
+        waiting.km.provisioner.process.wait(10)
+        with kernels.kernel() as kernel:
+            assert kernel is not waiting
+            ex = kernel.run(notebook("print('fine')"), record)
+    assert ex.status == "completed" and [c.status for c in ex.cells] == ["ok"]
+
+
 def test_closing_stops_a_kernel_started_ahead_and_removes_its_workdir(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     before = _children()
