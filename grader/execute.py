@@ -32,7 +32,7 @@ import time
 import traceback as _tb
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import nbformat
 
@@ -396,6 +396,7 @@ class Kernels:
             self._ahead = None
         if not self._loop.is_closed():
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
             self._loop.close()
 
     def __enter__(self) -> Kernels:
@@ -512,13 +513,15 @@ class Kernel:
         return process is not None and process.poll() is not None
 
     def run(self, notebook: nbformat.NotebookNode, record_dir: Path, *, prelude: str = "",
-            epilogue: str = "", probe_output: str | None = None) -> Execution:
+            epilogue: str | Callable[[], str] = "", probe_output: str | None = None) -> Execution:
         """Run ``notebook`` cell by cell, and write it, executed, into ``record_dir``, which
         ``Sandboxing.hide`` must cover.
 
         ``prelude`` runs before the first cell and ``epilogue`` after the last (unless the kernel
-        died); neither is recorded as a cell nor saved. ``probe_output``: a path relative to the
-        workdir the epilogue writes; reported as ``probe_raw``."""
+        died); neither is recorded as a cell nor saved. ``epilogue`` may be a function that returns
+        the code: it is called only once the cells have run, so what it puts in the workdir is not
+        there while they run. ``probe_output``: a path relative to the workdir the epilogue writes;
+        reported as ``probe_raw``."""
         t0 = time.monotonic()
         record_dir = Path(record_dir).resolve()
         if not any(record_dir.is_relative_to(Path(h).resolve()) for h in self.sandboxing.hide):
@@ -575,8 +578,8 @@ def _not_run(nb) -> tuple[CellRun, ...]:
                  for i, c in enumerate(nb.cells) if c.cell_type == "code")
 
 
-async def _run(kernel: Kernel, nb, record_dir: Path, prelude: str, epilogue: str, probe_output: str | None,
-               t0: float) -> Execution:
+async def _run(kernel: Kernel, nb, record_dir: Path, prelude: str, epilogue: str | Callable[[], str],
+               probe_output: str | None, t0: float) -> Execution:
     from nbclient.exceptions import DeadKernelError
 
     nb = nbformat.from_dict(json.loads(json.dumps(nb)))  # our own copy
@@ -703,8 +706,16 @@ async def _run(kernel: Kernel, nb, record_dir: Path, prelude: str, epilogue: str
                 else:
                     cells[index] = CellRun(index, "error", secs, f"NoReply: execute reply status {st!r}",
                                            None, images, head)
-        if kernel_alive and epilogue.strip():
-            reply = await _run_code(client, epilogue, limits.cell_timeout, killer)
+        code = ""
+        if kernel_alive and callable(epilogue):
+            try:  # in a thread: it may wait for what the grader is still loading
+                code = await asyncio.get_running_loop().run_in_executor(None, epilogue)
+            except Exception as e:  # noqa: BLE001
+                probe_error = f"the grader could not prepare its probe: {type(e).__name__}: {e}"
+        elif kernel_alive:
+            code = epilogue
+        if code.strip():
+            reply = await _run_code(client, code, limits.cell_timeout, killer)
             if reply is None:
                 probe_error = "the grader's probe got no reply (timed out or the kernel died)"
             elif reply["content"].get("status") != "ok":

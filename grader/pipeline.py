@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -100,31 +101,46 @@ def _dataset(root: str, torchvision_class: str):
     return data.read_split(root, torchvision_class, True), data.read_split(root, torchvision_class, False)
 
 
+# Held while prepare() loads in the background; whatever needs what it loads waits here.
+_loading = threading.Lock()
+
+
 def dataset(config: Config):
-    return _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
+    with _loading:
+        return _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
 
 
 def prepare(config: Config, notebooks: int | None = None) -> execute.Kernels:
-    """Start the first notebook's kernel, and load, while it starts, what every run needs: the
-    dataset (torch with it) and matplotlib for the figures. Once per process, before its first
-    notebook; a regrade of kept runs needs none of it.
+    """Start the first notebook's kernel, and, in the background while its cells run, load what
+    judging needs: the dataset (torch with it) and matplotlib for the figures. Once per process,
+    before its first notebook; a regrade of kept runs needs none of it.
 
-    ``notebooks``: how many this process will run, when known (see :class:`execute.Kernels`).
-    The process's own torch work (inspecting saved models) gets the kernels' thread count, so
-    workers x threads stays within the cores, as for the kernels."""
+    Nothing needs them before the first notebook's cells have run (the probe's inputs are drawn
+    from the dataset only then), so that notebook does not wait for them. ``notebooks``: how many
+    this process will run, when known (see :class:`execute.Kernels`)."""
     kernels = execute.Kernels(config.sandboxing(), notebooks)
+    kernels.start_ahead()
+    _loading.acquire()
     try:
-        kernels.start_ahead()
-        import torch
-
-        from grader import figures  # noqa: F401
-
-        torch.set_num_threads(config.threads)
-        dataset(config)
+        threading.Thread(target=_load, args=(config,), name="labgrader-prepare", daemon=True).start()
     except BaseException:
+        _loading.release()
         kernels.close()
         raise
     return kernels
+
+
+def _load(config: Config) -> None:
+    try:
+        import torch  # noqa: F401
+
+        from grader import figures  # noqa: F401
+
+        _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
+    except Exception:  # noqa: BLE001 - a head start only: the next caller of dataset() meets the error
+        pass
+    finally:
+        _loading.release()
 
 
 def grade(submission: Submission, config: Config, reuse: bool = True, kept: Run | None = None,
@@ -152,15 +168,24 @@ def run(submission: Submission, config: Config, kernels: execute.Kernels | None 
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    (train, test) = dataset(config)
-    plan = probe.make_plan(train, test)
-    with kernels.kernel() as kernel:
+    probed: list[tuple[probe.Plan, Path]] = []
+
+    def epilogue() -> str:
+        # The probe's inputs are drawn once the cells have run: they were never there to read.
+        plan = probe.make_plan(*dataset(config))
         plan_path, answers_path = probe.write_inputs(plan, kernel.workdir)
+        probed.append((plan, answers_path))
+        return probe.probe_code(plan_path, answers_path)
+
+    with kernels.kernel() as kernel:
         notebook = nbformat.reads(submission.notebook.decode(), as_version=4)
-        execution = kernel.run(
-            notebook, directory, prelude=probe.prelude_code(config.seed, config.threads, config.fast_data),
-            epilogue=probe.probe_code(plan_path, answers_path), probe_output=answers_path.name)
-        answers = probe.read(answers_path, plan)
+        execution = kernel.run(notebook, directory, epilogue=epilogue,
+                               prelude=probe.prelude_code(config.seed, config.threads, config.fast_data))
+        if probed:
+            [(plan, answers_path)] = probed
+            answers = probe.read(answers_path, plan)
+        else:  # the kernel died first: the reference still answers for the report
+            plan, answers = probe.make_plan(*dataset(config)), None
         _copy_model_file(kernel.workdir / config.rubric.model_file, directory / "model.pt")
     kernels.start_ahead()  # the next notebook's kernel starts while this one is judged
     execution = dataclasses.replace(execution, workdir=None, fast_data=config.fast_data)
@@ -240,8 +265,13 @@ def findings(the_run: Run, config: Config) -> tuple[list[CheckResult], dict[str,
             return verdicts, saved["figures"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    import torch
+
     from grader import expected, saved_model
 
+    # The grader's own torch work gets the kernels' thread count, so workers x threads stays within
+    # the cores, as for the kernels. Set in the thread doing the work: torch's count is per thread.
+    torch.set_num_threads(config.threads)
     train, test = dataset(config)
     inspected = saved_model.inspect(the_run.directory / "model.pt", *test, name=config.rubric.model_file)
     notebook_path = the_run.directory / "executed.ipynb"

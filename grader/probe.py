@@ -1,8 +1,9 @@
 """The grader's side of the probe: choose its inputs at grading time, and read back what it wrote.
 
 The inputs (initial weights, a few batches of real digits, dataset indices) are drawn from a seed
-picked when grading starts, so no notebook can know them in advance. They go to the kernel as an
-``.npz`` file (arrays only) and the answers come back as JSON: neither format can run code when read.
+picked at grading time, once the notebook's cells have run, so no cell can know or read them. They go
+to the kernel as an ``.npz`` file (arrays only) and the answers come back as JSON: neither format can
+run code when read.
 """
 from __future__ import annotations
 

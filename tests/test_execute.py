@@ -209,6 +209,27 @@ def test_failing_epilogue_sets_probe_error(tmp_path):
     assert ex.probe_raw is None
 
 
+def test_an_epilogue_function_is_called_once_the_cells_have_run(tmp_path):
+    work = tmp_path / "work"
+
+    def epilogue() -> str:
+        (work / "inputs.txt").write_text("21")
+        return "print(int(open('inputs.txt').read()) * 2)"
+
+    ex = run(tmp_path, "import os\nprint(os.path.exists('inputs.txt'))", epilogue=epilogue)
+    assert ex.status == "completed" and ex.probe_error is None
+    assert saved(ex).cells[0].outputs[0]["text"] == "False\n"  # not there while the cells ran
+
+
+def test_an_epilogue_function_that_fails_is_a_probe_error(tmp_path):
+    def epilogue() -> str:
+        raise OSError("no dataset")
+
+    ex = run(tmp_path, "x = 1", epilogue=epilogue)
+    assert ex.status == "completed" and [c.status for c in ex.cells] == ["ok"]
+    assert ex.probe_error == "the grader could not prepare its probe: OSError: no dataset"
+
+
 def test_failing_prelude_is_a_clear_reason(tmp_path):
     ex = run(tmp_path, "x = 1", prelude="raise RuntimeError('setup broke')")
     assert ex.status == "not-run"

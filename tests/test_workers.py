@@ -2,6 +2,7 @@
 thread count each kernel gets, and the kernels they start ahead."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -11,17 +12,25 @@ from nbformat import v4
 from grader import batch, cli, intake, pipeline
 
 
-def test_prepare_loads_the_dataset_and_holds_torch_to_the_kernels_threads(grading_config):
-    config = grading_config(threads=1)
-    before = torch.get_num_threads()
+def test_prepare_loads_the_dataset_once_in_the_background(grading_config):
+    config = grading_config()
     pipeline._dataset.cache_clear()
+    with pipeline.prepare(config, notebooks=1):
+        train, test = pipeline.dataset(config)  # waits for what prepare is loading
+    assert (len(train[0]), len(test[0])) == (config.provisioned.train_size, config.provisioned.test_size)
+    info = pipeline._dataset.cache_info()
+    assert (info.misses, info.hits) == (1, 1)  # loaded by prepare, not again by its caller
+
+
+def test_the_graders_own_torch_work_gets_the_kernels_thread_count(grading_config, tmp_path):
+    nbformat.write(v4.new_notebook(cells=[v4.new_code_cell("x = 1")]), tmp_path / "tiny.ipynb")
+    [submission] = intake.collect([tmp_path / "tiny.ipynb"])
+    before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        with pipeline.prepare(config, notebooks=1):
-            assert torch.get_num_threads() == 1
-        train, test = pipeline.dataset(config)
-        assert (len(train[0]), len(test[0])) == (config.provisioned.train_size, config.provisioned.test_size)
-        assert pipeline._dataset.cache_info().hits >= 1  # loaded by prepare, not again per notebook
+        result = pipeline.grade(submission, grading_config(threads=1))
+        assert result.status == "graded" and result.execution_status == "completed"
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
@@ -48,9 +57,12 @@ def test_workers_run_each_notebook_in_a_kernel_started_ahead_and_leave_none_behi
     config = grading_config(runs_dir=tmp_path / "out" / ".runs")
     results = batch.grade_all(intake.collect([submissions]), config, tmp_path / "out", jobs=2, progress=False)
     assert [(r.status, r.execution_status) for r in results] == [("graded", "completed")] * 3
-    for result in results:  # each in a workdir of its own: no file another notebook left
+    for result in results:  # each in a workdir of its own: no file another notebook left, and the
         executed = nbformat.read(tmp_path / "out" / ".runs" / result.submission_id / "executed.ipynb", 4)
-        assert "left-by" not in executed.cells[0].outputs[0]["text"]
+        seen = executed.cells[0].outputs[0]["text"]
+        assert "left-by" not in seen and ".labgrader" not in seen  # probe's inputs come after the cells
+        kept = json.loads((tmp_path / "out" / ".runs" / result.submission_id / "run.json").read_text())
+        assert kept["answers"] is not None and kept["execution"]["probe_error"] is None  # the probe ran
     # Every worker had one more kernel waiting when it exited: stopped, its files removed.
     assert list(scratch.iterdir()) == []
     assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _mentions(p, str(scratch))]
