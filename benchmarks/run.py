@@ -245,8 +245,8 @@ def start_up(root: Path, runs: Path) -> dict[str, float]:
     imports, config, prepare = json.loads(done.stdout)
     return {"grader process: import the grader (no torch)": imports,
             "grader process: profile, spec and rubric": config,
-            "grader process: pipeline.prepare (a kernel starts; torch, dataset, matplotlib load "
-            "while the first cells run)": prepare}
+            "grader process: pipeline.prepare (the first kernel starts and answers; torch, dataset, "
+            "matplotlib load meanwhile and while the first cells run)": prepare}
 
 
 def breakdown(work: Path, root: Path) -> None:
@@ -315,8 +315,8 @@ def breakdown(work: Path, root: Path) -> None:
                                  rubric=score.load_rubric(REPO / "lab" / "rubric.toml"),
                                  runs_dir=directory / "runs", threads=1)
         [submission] = intake.collect([fashion_notebook(directory)])
-        # As batch does before the first notebook (timed in start_up()): a kernel starts, and torch,
-        # the dataset and matplotlib load in the background.
+        # As batch does before the first notebook (timed in start_up()): a kernel starts and answers,
+        # and torch, the dataset and matplotlib load in the background.
         with pipeline.prepare(config, notebooks=1) as kernels:
             t0 = time.monotonic()
             result = pipeline.grade(submission, config, kernels=kernels)
@@ -326,8 +326,7 @@ def breakdown(work: Path, root: Path) -> None:
             setattr(owner, name, original)
     cells = sum(c.seconds or 0 for c in result.cells)
     kernel_parts = sum(v for k, v in spent.items() if k.startswith("kernel:"))
-    spent["kernel: waiting for it to be ready, client, the rest"] = (spent.pop("Kernel.run in all") - cells
-                                                                     - kernel_parts)
+    spent["kernel: connecting to it, the rest"] = spent.pop("Kernel.run in all") - cells - kernel_parts
     spent["notebook cells"] = cells
     grader_parts = sum(v for k, v in spent.items() if not k.startswith("grader process"))
     spent["grader: other (nbformat, hashing, probe files)"] = total - grader_parts

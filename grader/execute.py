@@ -336,7 +336,6 @@ def execute(
     hide: Sequence[Path] = (),
     uid: int = 65534,
     isolation: str = "auto",
-    probe_output: str | None = None,
 ) -> Execution:
     """Run ``notebook`` in a kernel of its own, with ``workdir`` (kept) as its working directory.
 
@@ -344,7 +343,7 @@ def execute(
     :class:`Sandboxing` say. A process that runs many notebooks uses :class:`Kernels`."""
     sandboxing = Sandboxing(data_root, limits, (*hide, Path(record_dir)), uid, isolation)
     with Kernels(sandboxing, notebooks=1, workdir=Path(workdir)) as kernels, kernels.kernel() as kernel:
-        return kernel.run(notebook, record_dir, prelude=prelude, epilogue=epilogue, probe_output=probe_output)
+        return kernel.run(notebook, record_dir, prelude=prelude, epilogue=epilogue)
 
 
 class Kernels:
@@ -371,6 +370,12 @@ class Kernels:
         """Start the next notebook's kernel now, unless one is waiting or no notebook is left."""
         if self._ahead is None and (self._left is None or self._left > 0):
             self._ahead = self._start()
+
+    def wait_ready(self) -> None:
+        """Wait until the kernel started ahead answers: for a process's first kernel, whose
+        start-up nothing else can hide, so that it is paid once, with the process's own set-up."""
+        if self._ahead is not None:
+            self._ahead.wait_ready()
 
     @contextlib.contextmanager
     def kernel(self) -> Iterator[Kernel]:
@@ -493,6 +498,23 @@ class Kernel:
         await asyncio.wait_for(self.km.start_kernel(stdout=subprocess.DEVNULL, stderr=self._log,
                                                     stdin=subprocess.DEVNULL), STARTUP_TIMEOUT)
 
+    def wait_ready(self) -> None:
+        """Wait until the kernel answers a request; one that does not is failed, as if it had not
+        started, and its notebook is given the reason."""
+        if self.failure is None:
+            try:
+                self._loop.run_until_complete(self._answer())
+            except Exception as e:  # noqa: BLE001 - becomes the notebook's reason, never an escape
+                self.failure = self.did_not_start(e)
+
+    async def _answer(self) -> None:
+        client = self.km.client()
+        client.start_channels()
+        try:
+            await client.wait_for_ready(timeout=STARTUP_TIMEOUT)
+        finally:
+            client.stop_channels()
+
     def did_not_start(self, error: Exception) -> str:
         code = _returncode(self.km) if self.km is not None and self.km.has_kernel else None
         tail = ""
@@ -513,15 +535,14 @@ class Kernel:
         return process is not None and process.poll() is not None
 
     def run(self, notebook: nbformat.NotebookNode, record_dir: Path, *, prelude: str = "",
-            epilogue: str | Callable[[], str] = "", probe_output: str | None = None) -> Execution:
+            epilogue: str | Callable[[], str] = "") -> Execution:
         """Run ``notebook`` cell by cell, and write it, executed, into ``record_dir``, which
         ``Sandboxing.hide`` must cover.
 
         ``prelude`` runs before the first cell and ``epilogue`` after the last (unless the kernel
         died); neither is recorded as a cell nor saved. ``epilogue`` may be a function that returns
         the code: it is called only once the cells have run, so what it puts in the workdir is not
-        there while they run. ``probe_output``: a path relative to the workdir the epilogue writes;
-        reported as ``probe_raw``."""
+        there while they run."""
         t0 = time.monotonic()
         record_dir = Path(record_dir).resolve()
         if not any(record_dir.is_relative_to(Path(h).resolve()) for h in self.sandboxing.hide):
@@ -534,7 +555,7 @@ class Kernel:
                              seconds=0.0, reason=self.failure, workdir=self.workdir)
         try:
             return self._loop.run_until_complete(
-                _run(self, notebook, record_dir, prelude, epilogue, probe_output, t0))
+                _run(self, notebook, record_dir, prelude, epilogue, t0))
         except BaseException as e:  # noqa: BLE001 - never let the machinery's errors escape
             if isinstance(e, KeyboardInterrupt):
                 raise
@@ -579,7 +600,7 @@ def _not_run(nb) -> tuple[CellRun, ...]:
 
 
 async def _run(kernel: Kernel, nb, record_dir: Path, prelude: str, epilogue: str | Callable[[], str],
-               probe_output: str | None, t0: float) -> Execution:
+               t0: float) -> Execution:
     from nbclient.exceptions import DeadKernelError
 
     nb = nbformat.from_dict(json.loads(json.dumps(nb)))  # our own copy
@@ -745,11 +766,6 @@ async def _run(kernel: Kernel, nb, record_dir: Path, prelude: str, epilogue: str
     except Exception as e:  # noqa: BLE001
         executed = None
         reason = (reason + "; " if reason else "") + f"could not save the executed notebook: {e}"
-    raw = None
-    if probe_output:
-        p = workdir / probe_output
-        if p.is_file() and not p.is_symlink():
-            raw = p
     if status == "completed" and reason is None:
         timeouts = [i for i, c in cells.items() if c.status == "timeout"]
         if timeouts:
@@ -758,7 +774,7 @@ async def _run(kernel: Kernel, nb, record_dir: Path, prelude: str, epilogue: str
         status=status, cells=tuple(cells[i] for i in sorted(cells)), isolation=kernel.isolation,
         seconds=round(time.monotonic() - t0, 3), reason=reason,
         output_truncated=client.output_truncated, network_blocked=network,
-        executed_notebook=executed, workdir=workdir, probe_raw=raw,
+        executed_notebook=executed, workdir=workdir,
         probe_error=probe_error)
 
 

@@ -107,27 +107,40 @@ _loading = threading.Lock()
 
 def dataset(config: Config):
     with _loading:
-        return _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
+        return _dataset_of(config)
+
+
+def _dataset_of(config: Config):
+    return _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
 
 
 def prepare(config: Config, notebooks: int | None = None) -> execute.Kernels:
-    """Start the first notebook's kernel, and, in the background while its cells run, load what
-    judging needs: the dataset (torch with it) and matplotlib for the figures. Once per process,
-    before its first notebook; a regrade of kept runs needs none of it.
+    """Start the first notebook's kernel and wait until it answers, and, in the background meanwhile
+    and while its cells run, load what judging needs: the dataset (torch with it) and matplotlib
+    for the figures. Once per process, before its first notebook; a regrade of kept runs needs none
+    of it. Later kernels start while the notebook before them is judged (:func:`run`).
 
-    Nothing needs them before the first notebook's cells have run (the probe's inputs are drawn
+    Nothing needs what it loads before the first notebook's cells have run (the probe's inputs are drawn
     from the dataset only then), so that notebook does not wait for them. ``notebooks``: how many
     this process will run, when known (see :class:`execute.Kernels`)."""
     kernels = execute.Kernels(config.sandboxing(), notebooks)
-    kernels.start_ahead()
+    try:
+        kernels.start_ahead()
+        _start_loading(config)
+        kernels.wait_ready()
+    except BaseException:
+        kernels.close()
+        raise
+    return kernels
+
+
+def _start_loading(config: Config) -> None:
     _loading.acquire()
     try:
         threading.Thread(target=_load, args=(config,), name="labgrader-prepare", daemon=True).start()
     except BaseException:
         _loading.release()
-        kernels.close()
         raise
-    return kernels
 
 
 def _load(config: Config) -> None:
@@ -136,7 +149,7 @@ def _load(config: Config) -> None:
 
         from grader import figures  # noqa: F401
 
-        _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
+        _dataset_of(config)
     except Exception:  # noqa: BLE001 - a head start only: the next caller of dataset() meets the error
         pass
     finally:
@@ -315,7 +328,7 @@ def _now() -> str:
 
 def _execution_json(execution: Execution) -> dict[str, Any]:
     raw = dataclasses.asdict(execution)
-    for key in ("executed_notebook", "workdir", "probe_raw"):
+    for key in ("executed_notebook", "workdir"):
         raw[key] = None
     return raw
 

@@ -52,7 +52,6 @@ class Execution:
     network_blocked: tuple[str, ...] = ()  # cells whose error shows a blocked download / pip
     executed_notebook: Path | None = None
     workdir: Path | None = None
-    probe_raw: Path | None = None  # the probe's output file, if the probe ran
     probe_error: str | None = None  # the epilogue (probe) code's error text, if it failed
     fast_data: bool = False
 

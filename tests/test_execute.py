@@ -124,12 +124,12 @@ def test_cell_ignoring_sigint_is_killed_by_the_outer_deadline(tmp_path):
 
 def test_os_exit_is_recorded_as_kernel_death_at_that_cell(tmp_path):
     ex = run(tmp_path, "print('one')", "import os\nos._exit(1)", "print('never')",
-             epilogue="open('probe.json', 'w').write('{}')", probe_output="probe.json")
+             epilogue="open('probe.json', 'w').write('{}')")
     assert ex.status == "kernel-died"
     assert [c.status for c in ex.cells] == ["ok", "kernel-died", "not-run"]
     assert "exited with code 1" in ex.cells[1].error
     assert "during cell 2 ('import os')" in ex.reason  # numbered from 1, as a student counts
-    assert ex.probe_raw is None and ex.probe_error is None  # no epilogue after a death
+    assert not (ex.workdir / "probe.json").exists() and ex.probe_error is None  # no epilogue after a death
 
 
 def test_segfault_is_recorded_with_its_signal(tmp_path):
@@ -192,11 +192,11 @@ def test_many_small_outputs_are_capped_with_a_note(tmp_path):
 
 def test_prelude_and_epilogue_run_and_are_not_cells(tmp_path):
     ex = run(tmp_path, "print(SEED)", "result = SEED * 2",
-             prelude="SEED = 7", probe_output="probe.json",
+             prelude="SEED = 7",
              epilogue="import json\njson.dump({'result': result}, open('probe.json', 'w'))")
     assert ex.status == "completed" and [c.status for c in ex.cells] == ["ok", "ok"]
     assert len(ex.cells) == 2 and ex.probe_error is None
-    assert json.loads(ex.probe_raw.read_text()) == {"result": 14}
+    assert json.loads((ex.workdir / "probe.json").read_text()) == {"result": 14}
     nb = saved(ex)
     assert len(nb.cells) == 2 and nb.cells[0].outputs[0]["text"] == "7\n"
     assert "SEED = 7" not in json.dumps(nb)
@@ -206,7 +206,7 @@ def test_failing_epilogue_sets_probe_error(tmp_path):
     ex = run(tmp_path, "x = 1", epilogue="student_function_that_is_missing()")
     assert ex.status == "completed"
     assert ex.probe_error.startswith("NameError: name 'student_function_that_is_missing'")
-    assert ex.probe_raw is None
+    assert list(ex.workdir.iterdir()) == []
 
 
 def test_an_epilogue_function_is_called_once_the_cells_have_run(tmp_path):
@@ -319,6 +319,30 @@ def test_a_kernel_that_died_while_waiting_is_replaced(tmp_path):
             assert kernel is not waiting
             ex = kernel.run(notebook("print('fine')"), record)
     assert ex.status == "completed" and [c.status for c in ex.cells] == ["ok"]
+
+
+def test_a_kernel_waited_for_runs_its_notebook(tmp_path):
+    record = tmp_path / "record"
+    with Kernels(Sandboxing(limits=FAST, hide=(record,)), notebooks=1) as kernels:
+        kernels.start_ahead()
+        kernels.wait_ready()
+        with kernels.kernel() as kernel:
+            assert kernel.failure is None
+            ex = kernel.run(notebook("print('fine')"), record)
+    assert ex.status == "completed" and saved(ex).cells[0].outputs[0]["text"] == "fine\n"
+
+
+def test_a_kernel_that_dies_before_it_answers_fails_its_notebook_with_the_reason(tmp_path):
+    record = tmp_path / "record"
+    with Kernels(Sandboxing(limits=FAST, hide=(record,)), notebooks=1) as kernels:
+        kernels.start_ahead()
+        kernel = kernels._ahead
+        kernel.kill()
+        kernels.wait_ready()
+        assert kernel.failure.startswith("the kernel did not start")
+        ex = kernel.run(notebook("print('never')"), record)
+    assert ex.status == "not-run" and ex.reason == kernel.failure
+    assert [c.status for c in ex.cells] == ["not-run"]
 
 
 def test_closing_stops_a_kernel_started_ahead_and_removes_its_workdir(tmp_path, monkeypatch):
