@@ -51,13 +51,26 @@ def info(text: str) -> None:
     print(f"  {text}", flush=True)
 
 
-def timed(argv: list[str], **kw) -> float:
+def timed(argv: list[str], cpu: dict[str, float] | None = None, **kw) -> float:
+    """The command's wall time; ``cpu``, when given, gets the whole machine's busy core-seconds
+    meanwhile (kernels included, which a process's rusage does not see: bubblewrap's pid
+    namespace reaps them)."""
+    busy = machine_busy()
     started = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, **kw)
     seconds = time.monotonic() - started
+    if cpu is not None:
+        cpu["busy"] = machine_busy() - busy
     if done.returncode not in (0, 1):  # labgrader check/grade may exit 1 on a failing notebook
         sys.exit(f"{' '.join(argv[:3])}... failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return seconds
+
+
+def machine_busy() -> float:
+    """Core-seconds this machine has spent busy since boot: /proc/stat's first line, less idle and
+    iowait."""
+    user, nice, system, idle, iowait, *rest = map(int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + sum(rest)) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,16 +165,21 @@ def batch_throughput(work: Path, root: Path, copies: int, single: float | None) 
     subs.mkdir()
     for index in range(copies):
         fashion_notebook(subs, f"student{index:02d}.ipynb")
-    seconds = {}
-    cells = {}
+    seconds, cells, cpu = {}, {}, {}
     for jobs in (1, 2):
         out = work / f"batch-out-{jobs}"
-        seconds[jobs] = timed(grade_argv([subs], out, root, jobs))
+        cpu[jobs] = {}
+        seconds[jobs] = timed(grade_argv([subs], out, root, jobs), cpu[jobs])
         cells[jobs] = sum(c.get("seconds") or 0 for r in check_graded(out, copies) for c in r["cells"])
     info(f"{copies} notebooks: --jobs 1 {seconds[1]:.1f} s ({copies / seconds[1] * 60:.2f}/min), "
          f"--jobs 2 {seconds[2]:.1f} s ({copies / seconds[2] * 60:.2f}/min)")
     info(f"cells per notebook: {cells[1] / copies:.1f} s with one kernel at a time, {cells[2] / copies:.1f} s with "
-         f"two side by side ({cells[2] / cells[1] - 1:+.0%}: the kernels slowing each other on the shared cores)")
+         f"two side by side ({cells[2] / cells[1] - 1:+.0%}: the other worker's kernel and grading share the cores)")
+    cores = os.cpu_count() or 1
+    info(f"the machine's busy CPU: --jobs 1 {cpu[1]['busy']:.0f} core-s, --jobs 2 {cpu[2]['busy']:.0f} core-s "
+         f"({cpu[2]['busy'] / cpu[1]['busy'] - 1:+.0%}); --jobs 2 kept {cpu[2]['busy'] / (cores * seconds[2]):.0%} of "
+         f"{cores} cores busy; with its CPU spread perfectly, the best ratio would be "
+         f"{seconds[1] / (cpu[2]['busy'] / min(cores, 2)):.2f}x")
     ratio = seconds[1] / seconds[2]
     figure(f"b. throughput --jobs 2 / --jobs 1 ({copies} notebooks)", ratio, "x", ">= 1.7x", ratio >= 1.7)
     if single is not None and copies > 1:
