@@ -114,8 +114,9 @@ def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int) ->
     uids = context.Queue()
     for index in range(jobs):
         uids.put(FIRST_JOB_UID + index)
+    left = context.Value("i", len(to_run))
     with ProcessPoolExecutor(max_workers=min(jobs, len(to_run)), mp_context=context,
-                             initializer=_start_worker, initargs=(config, uids)) as pool:
+                             initializer=_start_worker, initargs=(config, uids, left)) as pool:
         futures = [pool.submit(_grade_in_worker, s) for s in to_run]
         try:
             for future in as_completed(futures):
@@ -129,16 +130,17 @@ _worker_config: pipeline.Config | None = None
 _worker_kernels = None
 
 
-def _start_worker(config: pipeline.Config, uids) -> None:
+def _start_worker(config: pipeline.Config, uids, left) -> None:
     global _worker_config, _worker_kernels
     import dataclasses
     from multiprocessing import util
 
     _worker_config = dataclasses.replace(config, uid=uids.get())
-    # A worker can't know whether another notebook will come, so it always has a kernel waiting;
-    # the last one is stopped when the worker exits (multiprocessing runs finalizers with an exit
+    # The workers share the count of notebooks left, so together they start no kernel ahead past
+    # the last notebook. One can still be left waiting (another worker took the notebook it was
+    # for); it is stopped when its worker exits (multiprocessing runs finalizers with an exit
     # priority then; atexit handlers don't run in pool workers).
-    _worker_kernels = pipeline.prepare(_worker_config)
+    _worker_kernels = pipeline.prepare(_worker_config, notebooks=left)
     util.Finalize(_worker_kernels, _worker_kernels.close, exitpriority=10)
 
 

@@ -32,12 +32,15 @@ import time
 import traceback as _tb
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import nbformat
 
 from grader import sandbox
 from grader.results import CellRun, Execution
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
 
 INTERRUPT_GRACE = 5.0  # seconds a timed-out cell gets to stop after the interrupt
 STARTUP_TIMEOUT = 60.0  # seconds for the kernel to start and answer
@@ -354,22 +357,23 @@ class Kernels:
     notebook, that second is off the next notebook's path. Kernel managers' ZMQ sockets belong to
     the event loop that made them, so one loop serves all of the process's kernels.
 
-    ``notebooks``: how many notebooks will run, when known: no kernel is started past the last.
+    ``notebooks``: how many notebooks will run, when known: no kernel is started ahead past the
+    last. Processes that run one batch between them share the count as a ``multiprocessing.Value``.
     ``workdir``: the kernels' working directory, kept; by default each kernel gets a new one,
     deleted with it.
     """
 
-    def __init__(self, sandboxing: Sandboxing, notebooks: int | None = None, workdir: Path | None = None):
+    def __init__(self, sandboxing: Sandboxing, notebooks: int | Synchronized | None = None, workdir: Path | None = None):
         self.sandboxing = sandboxing
-        self._left = notebooks
+        self._left = _OwnCount(notebooks) if isinstance(notebooks, int) else notebooks
         self._workdir = workdir
         self._loop = asyncio.new_event_loop()
         self._ahead: Kernel | None = None
 
     def start_ahead(self) -> None:
         """Start the next notebook's kernel now, unless one is waiting or no notebook is left."""
-        if self._ahead is None and (self._left is None or self._left > 0):
-            self._ahead = self._start()
+        if self._ahead is None and self._count_kernel():
+            self._ahead = Kernel(self._loop, self.sandboxing, self._workdir)
 
     def wait_ready(self) -> None:
         """Wait until the kernel started ahead answers: for a process's first kernel, whose
@@ -384,16 +388,23 @@ class Kernels:
         if kernel is not None and kernel.exited():  # it died waiting: no notebook should pay for that
             kernel.close()
             kernel = None
-        kernel = kernel or self._start()
+        if kernel is None:
+            self._count_kernel()  # a notebook always gets its kernel, counted or not
+            kernel = Kernel(self._loop, self.sandboxing, self._workdir)
         try:
             yield kernel
         finally:
             kernel.close()
 
-    def _start(self) -> Kernel:
-        if self._left is not None:
-            self._left -= 1
-        return Kernel(self._loop, self.sandboxing, self._workdir)
+    def _count_kernel(self) -> bool:
+        """Count one more kernel started; False when every notebook has had one already."""
+        if self._left is None:
+            return True
+        with self._left.get_lock():
+            if self._left.value <= 0:
+                return False
+            self._left.value -= 1
+            return True
 
     def close(self) -> None:
         if self._ahead is not None:
@@ -409,6 +420,17 @@ class Kernels:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class _OwnCount:
+    """A count of notebooks left that only this process uses: ``multiprocessing.Value``'s interface
+    without its shared memory."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def get_lock(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
 
 
 class Kernel:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nbformat
 import numpy as np
@@ -33,6 +33,9 @@ from grader.results import CellRun, CheckResult, Execution, GradeResult, Submiss
 from grader.score import Rubric, score
 from reference.provision import Provisioned
 from reference.spec import Spec
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
 
 # expected, saved_model, reference.data and figures import torch or matplotlib (seconds per
 # process): they are imported in the functions that compute a run's findings the first time, so a
@@ -114,7 +117,7 @@ def _dataset_of(config: Config):
     return _dataset(str(config.provisioned.root), config.provisioned.torchvision_class)
 
 
-def prepare(config: Config, notebooks: int | None = None) -> execute.Kernels:
+def prepare(config: Config, notebooks: int | Synchronized | None = None) -> execute.Kernels:
     """Start the first notebook's kernel and wait until it answers, and, in the background meanwhile
     and while its cells run, load what judging needs: the dataset (torch with it) and matplotlib
     for the figures. Once per process, before its first notebook; a regrade of kept runs needs none
@@ -122,7 +125,8 @@ def prepare(config: Config, notebooks: int | None = None) -> execute.Kernels:
 
     Nothing needs what it loads before the first notebook's cells have run (the probe's inputs are drawn
     from the dataset only then), so that notebook does not wait for them. ``notebooks``: how many
-    this process will run, when known (see :class:`execute.Kernels`)."""
+    will run, when known: by this process alone, or shared by a batch's workers (see
+    :class:`execute.Kernels`)."""
     kernels = execute.Kernels(config.sandboxing(), notebooks)
     try:
         kernels.start_ahead()

@@ -7,6 +7,7 @@ kernel claims.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -305,6 +306,21 @@ def test_a_kernel_started_ahead_runs_the_next_notebook_fresh(tmp_path):
         assert saved(ex).cells[0].outputs[0]["text"] == "[] False\n"  # nothing of the first notebook
         kernels.start_ahead()  # both notebooks have run: no third kernel
         assert _children() == before
+    assert _children() == before
+
+
+def test_processes_sharing_a_count_start_no_kernel_ahead_past_the_last_notebook(tmp_path):
+    record = tmp_path / "record"
+    left = multiprocessing.get_context("spawn").Value("i", 1)
+    before = _children()
+    sandboxing = Sandboxing(limits=FAST, hide=(record,))
+    with Kernels(sandboxing, notebooks=left) as first, Kernels(sandboxing, notebooks=left) as second:
+        first.start_ahead()
+        second.start_ahead()  # the one notebook left has its kernel already
+        assert len(_children() - before) == 1 and left.value == 0
+        with second.kernel() as kernel:  # yet whoever gets the notebook gets a kernel
+            ex = kernel.run(notebook("print('fine')"), record)
+    assert ex.status == "completed" and [c.status for c in ex.cells] == ["ok"]
     assert _children() == before
 
 
