@@ -56,10 +56,12 @@ def is_current(result_path: Path, submission: Submission, config: pipeline.Confi
 
 
 def write_result(result: GradeResult, layout: Layout) -> None:
+    # result.json comes last: a resumed batch keeps a submission that has one, so the report must
+    # already be there when it appears.
     path = layout.result(result.submission_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    export.atomic_write_text(path, json.dumps(result.to_json(), indent=1))
     report.write_report(result, layout.report(result.submission_id))
+    export.atomic_write_text(path, json.dumps(result.to_json(), indent=1))
 
 
 def grade_all(submissions: list[Submission], config: pipeline.Config, out: Path, jobs: int,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from grader import resources
+import factories as f
+from grader import batch, report, resources
 
 pytestmark = pytest.mark.slow
 
@@ -50,3 +51,14 @@ def test_killed_batch_resumes_without_regrading(tmp_path, mnist_sample_root):
     assert {name: (out / name / "result.json").stat().st_mtime_ns for name in done_before} == done_before
     rows = (out / "gradebook.csv").read_text().splitlines()
     assert len(rows) == 1 + 3
+
+
+def test_a_result_is_written_only_after_its_report(tmp_path, monkeypatch):
+    """result.json tells a resumed batch that a submission is done, so nothing may come after it."""
+    def killed(result, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        batch.write_result(f.perfect("alice"), batch.Layout(tmp_path))
+    assert not batch.Layout(tmp_path).result("alice").exists()
