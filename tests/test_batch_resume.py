@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -17,10 +18,13 @@ from grader import batch, report, resources
 pytestmark = pytest.mark.slow
 
 
-def _grade(folder: Path, out: Path, root: Path) -> subprocess.Popen:
+def _grade(folder: Path, out: Path, root: Path, tmp: Path) -> subprocess.Popen:
+    """``tmp``: the batch's TMPDIR, where its kernels' working directories go; a killed batch
+    cannot remove its own, so it is left in the test's directory rather than in /tmp."""
     return subprocess.Popen([sys.executable, "-m", "grader.cli", "grade", str(folder), "--out", str(out),
                              "--jobs", "1", "--quiet", "--root", str(root)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp)})
 
 
 def test_killed_batch_resumes_without_regrading(tmp_path, mnist_sample_root):
@@ -29,8 +33,10 @@ def test_killed_batch_resumes_without_regrading(tmp_path, mnist_sample_root):
     for index in range(3):
         shutil.copy(resources.EXAMPLES_DIR / "correct_argmax.ipynb", folder / f"student{index}.ipynb")
     out = tmp_path / "out"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
 
-    first = _grade(folder, out, mnist_sample_root.root)
+    first = _grade(folder, out, mnist_sample_root.root, tmp)
     deadline = time.monotonic() + 300
     while not list(out.glob("*/result.json")) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -41,9 +47,11 @@ def test_killed_batch_resumes_without_regrading(tmp_path, mnist_sample_root):
     assert 1 <= len(done_before) < 3
     assert not list(out.rglob("*.tmp")) or all(".runs" in str(p) for p in out.rglob("*.tmp"))
 
-    second = _grade(folder, out, mnist_sample_root.root)
+    left_by_the_kill = set(tmp.iterdir())
+    second = _grade(folder, out, mnist_sample_root.root, tmp)
     stdout, stderr = second.communicate(timeout=900)
     assert second.returncode == 0, stderr
+    assert set(tmp.iterdir()) == left_by_the_kill  # a batch that ends removes its working directories
     results = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/result.json")}
     assert sorted(results) == ["student0", "student1", "student2"]
     assert all(r["status"] == "graded" and r["score"] == r["max_score"] for r in results.values())
