@@ -2,8 +2,9 @@
 
 :func:`run` does the expensive, rubric-independent part (sandbox -> execute -> probe) and keeps what
 it produced in a run directory; :func:`judge` does the rest (checks -> score). The checks' verdicts
-and the report's figures depend on the run alone, so they are kept beside it too: a changed rubric
-regrades from the run directory without executing anything, loading the dataset or importing torch.
+and what the report shows of the run depend on the run alone, so they are kept beside it too: a
+changed rubric regrades from the run directory without executing anything, loading the dataset or
+importing torch.
 A run is reused only while its key matches: the notebook's hash, the spec, the grading code and the
 execution settings.
 """
@@ -78,13 +79,34 @@ class Run:
     answers: dict[str, Any] | None
 
 
-@functools.cache
-def engine_digest() -> str:
+@dataclass(frozen=True)
+class Findings:
+    """What a run shows before any rubric applies: every check's verdict, and for the report the
+    figures (base64 PNGs) and the saved model's confusion matrix (None without a usable model)."""
+
+    verdicts: list[CheckResult]
+    figures: dict[str, str]
+    confusion: list[list[int]] | None
+
+
+def _digest(*sources: tuple[Any, tuple[str, ...]]) -> str:
     digest = hashlib.sha256()
-    for package, names in ((grader, _ENGINE_FILES), (reference, _REFERENCE_FILES)):
+    for package, names in sources:
         for name in names:
             digest.update((Path(package.__file__).parent / name).read_bytes())
     return digest.hexdigest()[:16]
+
+
+@functools.cache
+def engine_digest() -> str:
+    return _digest((grader, _ENGINE_FILES), (reference, _REFERENCE_FILES))
+
+
+@functools.cache
+def figures_digest() -> str:
+    """Kept findings hold drawn figures: a change to the drawing redraws them from the kept run,
+    without running the notebook again (the run key leaves figures.py out for that reason)."""
+    return _digest((grader, ("figures.py",)))
 
 
 def run_key(submission: Submission, config: Config) -> dict[str, Any]:
@@ -251,8 +273,8 @@ def load_run(submission: Submission, config: Config) -> Run | None:
 
 def judge(submission: Submission, the_run: Run, config: Config, started: float) -> GradeResult:
     """``started``: when grading this submission began (``time.monotonic()``), for its ``seconds``."""
-    verdicts, figures = findings(the_run, config)
-    scored = score(verdicts, config.rubric)
+    found = findings(the_run, config)
+    scored = score(found.verdicts, config.rubric)
     history = (the_run.answers or {}).get("history")
     return GradeResult(
         submission_id=submission.id, source=submission.source, status="graded",
@@ -264,22 +286,23 @@ def judge(submission: Submission, the_run: Run, config: Config, started: float) 
         isolation=the_run.execution.isolation, fast_data=the_run.execution.fast_data,
         data_profile=config.provisioned.profile, spec_version=config.spec.version,
         rubric_sha256=config.rubric.sha256, seconds=round(time.monotonic() - started, 3),
-        graded_at=_now(), figures=figures,
+        graded_at=_now(), figures=found.figures, confusion_matrix=found.confusion,
         student_history=history if isinstance(history, dict) else None,
         reference_history=config.spec.content["history"])
 
 
-def findings(the_run: Run, config: Config) -> tuple[list[CheckResult], dict[str, str]]:
-    """Every check's verdict, before any rubric applies, and the report's figures (base64 PNGs).
+def findings(the_run: Run, config: Config) -> Findings:
+    """Every check's verdict, before any rubric applies, and what the report shows of the run.
 
-    Both depend only on what decides the run (its key holds the spec and the checks' code), so
-    they are computed once and kept in the run directory, which :func:`run` empties on a rerun."""
+    All of it depends only on what decides the run (its key holds the spec and the checks' code)
+    and on how figures are drawn, so it is computed once and kept in the run directory, which
+    :func:`run` empties on a rerun."""
     kept = the_run.directory / "findings.json"
     try:
         saved = json.loads(kept.read_text())
         verdicts = [CheckResult(**{**v, "warnings": tuple(v["warnings"])}) for v in saved["verdicts"]]
-        if set(config.rubric.names) <= {v.name for v in verdicts}:
-            return verdicts, saved["figures"]
+        if saved["drawn_by"] == figures_digest() and set(config.rubric.names) <= {v.name for v in verdicts}:
+            return Findings(verdicts, saved["figures"], saved["confusion"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     import torch
@@ -296,10 +319,11 @@ def findings(the_run: Run, config: Config) -> tuple[list[CheckResult], dict[str,
     evidence = checks.Evidence(spec=config.spec, execution=the_run.execution, saved_model=inspected,
                                expected=expected.compute(the_run.plan, train, test), probe=the_run.answers,
                                notebook=notebook)
-    verdicts = checks.run_checks(evidence)
-    figures = _draw_figures(the_run, inspected, test, config)
-    _write_json(kept, {"verdicts": [dataclasses.asdict(v) for v in verdicts], "figures": figures})
-    return verdicts, figures
+    found = Findings(checks.run_checks(evidence), _draw_figures(the_run, inspected, test, config),
+                     inspected.confusion)
+    _write_json(kept, {"verdicts": [dataclasses.asdict(v) for v in found.verdicts], "figures": found.figures,
+                       "confusion": found.confusion, "drawn_by": figures_digest()})
+    return found
 
 
 def _draw_figures(the_run: Run, inspected, test, config: Config) -> dict[str, str]:
@@ -310,7 +334,6 @@ def _draw_figures(the_run: Run, inspected, test, config: Config) -> dict[str, st
                                                         config.spec.content["history"])}
     if inspected.first_layer is not None:
         drawn["weights"] = figures.weight_images(np.array(inspected.first_layer))
-        drawn["confusion"] = figures.confusion_matrix(np.array(inspected.confusion))
         if inspected.misclassified:
             index = [m["index"] for m in inspected.misclassified]
             drawn["misclassified"] = figures.misclassified(

@@ -39,7 +39,8 @@ SORT_SCRIPT = "_sortable.js"
 SAMPLE_PROFILE = "mnist-sample"
 FAILED_CELL_STATUSES = ("error", "timeout", "kernel-died")
 
-# (key in GradeResult.figures, heading, alt text)
+# (key in GradeResult.figures, heading, alt text and caption); "confusion" is a table made from
+# GradeResult.confusion_matrix, not an image
 FIGURES = (
     ("learning_curves", "Learning curves",
      "Accuracy and loss per epoch: your train() history (solid lines) beside the reference's "
@@ -48,8 +49,9 @@ FIGURES = (
      "The ten 28 by 28 images of your model's first-layer weights, one per class; red pixels "
      "push towards the class, blue away from it."),
     ("confusion", "Confusion matrix",
-     "Ten by ten confusion matrix of your saved model on the test set: rows are the true "
-     "classes, columns the predicted ones, each cell a count."),
+     "Your saved model on the test set: each row is a true class, each column the class your "
+     "model predicted, each cell a count of test images. The diagonal is what it got right; the "
+     "darker a cell, the larger its share of its row."),
     ("misclassified", "Some test images your model got wrong",
      "A few test images your model misclassified, each titled true label, arrow, predicted "
      "label."),
@@ -164,9 +166,14 @@ def _is_sample(profile: str | None) -> bool:
     return bool(profile) and SAMPLE_PROFILE in str(profile).lower()
 
 
-def _figures(figures: Mapping[str, str]) -> list[dict[str, str]]:
-    out = []
+def _figures(figures: Mapping[str, str], confusion: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for key, title, alt in FIGURES:
+        if key == "confusion":
+            rows = _confusion_rows(confusion)
+            if rows:
+                out.append({"key": key, "title": title, "alt": alt, "rows": rows})
+            continue
         data = figures.get(key)
         if not isinstance(data, str):
             continue
@@ -175,6 +182,27 @@ def _figures(figures: Mapping[str, str]) -> list[dict[str, str]]:
             continue  # never put anything but base64 into a data: URL
         out.append({"key": key, "title": title, "alt": alt, "src": "data:image/png;base64," + data})
     return out
+
+
+def _confusion_rows(counts: Any) -> list[list[dict[str, Any]]] | None:
+    """The confusion matrix's cells, each shaded by its share of its row (of the test images of
+    that true class); None unless it is ten rows of ten counts. A result.json may have been edited
+    by hand, so nothing else reaches the table."""
+    if not (isinstance(counts, list) and len(counts) == 10 and all(
+            isinstance(row, list) and len(row) == 10 and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in row) for row in counts)):
+        return None
+    rows = []
+    for true_class, row in enumerate(counts):
+        total = sum(row) or 1
+        cells = []
+        for predicted, count in enumerate(row):
+            # a square root, so that mistakes of a few percent still show against the diagonal
+            lightness = round(97 - 60 * math.sqrt(count / total))
+            cells.append({"count": count, "lightness": lightness, "dark": lightness < 60,
+                          "hit": predicted == true_class})
+        rows.append(cells)
+    return rows
 
 
 def _execution_notes(result: GradeResult, failed_cells: list[CellRun]) -> list[Note]:
@@ -262,7 +290,7 @@ def report_context(result: GradeResult) -> dict[str, Any]:
         "failed_cells": failed_cells,
         "notes": _execution_notes(result, failed_cells) if result.status == "graded" else [],
         "sample_profile": _is_sample(result.data_profile),
-        "figures": _figures(result.figures or {}),
+        "figures": _figures(result.figures or {}, result.confusion_matrix),
         "csp": _csp(None),
     }
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,10 @@ class GradeResult:
     seconds: float = 0.0
     graded_at: str = ""
     # For the report only (never for the score): the learning curves the student's train() produced
-    # in the probe, the reference's, and the saved model's figures (base64 PNG).
+    # in the probe, the reference's, and the saved model's figures (base64 PNG) and its confusion
+    # matrix on the test set (rows: true class, columns: predicted).
     figures: dict[str, str] = field(default_factory=dict)
+    confusion_matrix: list[list[int]] | None = None
     student_history: dict[str, list[float]] | None = None
     reference_history: dict[str, list[float]] | None = None
     schema_version: str = SCHEMA_VERSION

@@ -115,8 +115,14 @@ def test_report_shows_score_messages_and_figures(site, watched):
     assert page.locator("#cell-12 pre.traceback").is_visible()
     assert "mat1 and mat2 shapes cannot be multiplied" in page.locator("#cell-12").inner_text()
     imgs = images_loaded(page)
-    assert len(imgs) == 4
+    assert len(imgs) == 3
     assert all(i["complete"] and i["w"] > 0 and i["alt"] for i in imgs), imgs
+    confusion = page.locator("#figure-confusion table")
+    assert confusion.is_visible()
+    # the diagonal's dark cells carry white text: drawn with its colours, not the page's defaults
+    hit = confusion.locator("td.hit").first
+    assert hit.evaluate("e => getComputedStyle(e).color") == "rgb(255, 255, 255)"
+    assert hit.evaluate("e => getComputedStyle(e).backgroundColor") != "rgba(0, 0, 0, 0)"
     page.screenshot(path=str(ARTIFACTS / "report-desktop.png"), full_page=True)
     w.assert_clean()
 

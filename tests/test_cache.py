@@ -93,6 +93,7 @@ def test_grading_twice_reuses_the_run(cached, no_execution):
     assert again.status == "graded", again.reason
     assert again.score == cached.result.score and again.checks == cached.result.checks
     assert again.cells == cached.result.cells and again.figures == cached.result.figures
+    assert again.confusion_matrix == cached.result.confusion_matrix
     assert executed.stat().st_mtime_ns == before
     assert (_run_dir(cached) / "key.json").read_text() == key
 
@@ -223,6 +224,7 @@ def test_a_rubric_change_regrades_from_kept_findings_without_torch(cached, tmp_p
     assert [(c["name"], c["status"], c["message"]) for c in result["checks"]] == [
         (c.name, c.status, c.message) for c in cached.result.checks]
     assert result["figures"] == cached.result.figures
+    assert result["confusion_matrix"] == cached.result.confusion_matrix
 
 
 def test_damaged_findings_are_computed_again(cached, no_execution):
@@ -232,3 +234,16 @@ def test_damaged_findings_are_computed_again(cached, no_execution):
     assert again.status == "graded", again.reason
     assert again.checks == cached.result.checks and again.figures == cached.result.figures
     assert json.loads(findings.read_text())["figures"] == cached.result.figures
+
+
+def test_findings_drawn_by_older_figure_code_are_drawn_again_without_running(cached, no_execution):
+    """figures.py is not part of the run key: a change to the drawing redraws the kept run's
+    figures and keeps its execution."""
+    findings = _run_dir(cached) / "findings.json"
+    kept = json.loads(findings.read_text())
+    assert kept["drawn_by"] == pipeline.figures_digest()
+    findings.write_text(json.dumps({**kept, "drawn_by": "older", "figures": {"weights": "AAAA"}}))
+    again = pipeline.grade(_submission(cached), cached.config)
+    assert again.status == "graded", again.reason
+    assert again.figures == cached.result.figures and again.checks == cached.result.checks
+    assert json.loads(findings.read_text())["drawn_by"] == pipeline.figures_digest()

@@ -161,14 +161,47 @@ def test_failed_cell_traceback_in_pre():
 
 def test_figures_are_embedded_pngs_with_alt_text():
     doc = parse(render_report(f.perfect()))
+    assert [el.get("id") for el in css(doc, "figure")] == [
+        "figure-learning_curves", "figure-weights", "figure-confusion", "figure-misclassified"]
     imgs = css(doc, "img")
     assert [img.getparent().get("id") for img in imgs] == [
-        "figure-learning_curves", "figure-weights", "figure-confusion", "figure-misclassified"]
+        "figure-learning_curves", "figure-weights", "figure-misclassified"]
     for img in imgs:
         src = img.get("src")
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
         assert len(img.get("alt")) > 20
+
+
+def test_the_confusion_matrix_is_a_table_of_the_counts():
+    result = f.perfect()
+    doc = parse(render_report(result))
+    table = css(doc, "#figure-confusion table")[0]
+    assert [th.text_content() for th in css(table, "thead th")][1:] == [str(c) for c in range(10)]
+    rows = css(table, "tbody tr")
+    assert [row.find("th").text_content() for row in rows] == [str(c) for c in range(10)]
+    assert [[int(td.text_content()) for td in css(row, "td")] for row in rows] == result.confusion_matrix
+    # the diagonal (right answers) stands out, and a cell's shade follows its share of its row
+    assert [[td.get("class") for td in css(row, "td")].index("num hit dark") for row in rows] == list(range(10))
+    assert css(rows[0], "td")[1].get("class") == "num"
+    assert "the darker a cell" in css(doc, "#figure-confusion figcaption")[0].text_content()
+
+
+@pytest.mark.parametrize("counts", [None, [[1] * 10] * 9, [[1] * 9] * 10, [[1.5] * 10] * 10,
+                                    [[True] * 10] * 10, [[-1] * 10] * 10, [["9"] * 10] * 10, "10x10"])
+def test_a_confusion_matrix_that_is_not_ten_rows_of_ten_counts_is_left_out(counts):
+    doc = parse(render_report(f.graded(confusion_matrix=counts)))
+    assert not css(doc, "#figure-confusion")
+    assert css(doc, "#figure-weights img")
+
+
+def test_an_empty_row_of_the_confusion_matrix_is_shown_unshaded():
+    counts = f.confusion()
+    counts[3] = [0] * 10
+    doc = parse(render_report(f.graded(confusion_matrix=counts)))
+    row = css(doc, "#figure-confusion tbody tr")[3]
+    assert [td.text_content() for td in css(row, "td")] == ["0"] * 10
+    assert {td.get("style") for td in css(row, "td")} == {"background: hsl(212 70% 97%)"}
 
 
 def test_execution_problems_isolation_profile_and_spec_are_reported():
@@ -267,9 +300,10 @@ def test_hostile_notebook_text_is_escaped_in_the_report():
     assert "</pre><script>alert(3)</script>" in text
     assert 'submissions/"><script>alert(4)</script>/lab.ipynb' in text
     assert "<img src=x onerror=alert(5)>" in text
-    # the figures that were not base64 were dropped, the good ones kept
+    # the figures that were not base64 and the confusion matrix that was not counts were dropped,
+    # the good figure kept
     ids = [el.get("id") for el in css(parse(html), "figure")]
-    assert ids == ["figure-learning_curves", "figure-misclassified"]
+    assert ids == ["figure-learning_curves"]
 
 
 def test_hostile_text_is_escaped_in_the_summary():
@@ -399,10 +433,7 @@ def test_figures_take_untrusted_numbers_and_reject_wrong_shapes():
     png_size(figures.learning_curves(None, f.REFERENCE_HISTORY))
     png_size(figures.misclassified(np.zeros((2, 1, 28, 28)), ["$a$", 3], [1, "\\b"]))
     png_size(figures.misclassified(np.zeros((0, 784)), [], []))
-    png_size(figures.confusion_matrix(np.full((10, 10), np.nan)))
     with pytest.raises(ValueError):
         figures.weight_images(np.zeros((784, 10)))
-    with pytest.raises(ValueError):
-        figures.confusion_matrix(np.zeros((9, 9)))
     with pytest.raises(ValueError):
         figures.misclassified(np.zeros((2, 784)), [1], [2, 3])
