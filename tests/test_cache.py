@@ -242,8 +242,13 @@ def test_findings_drawn_by_older_figure_code_are_drawn_again_without_running(cac
     findings = _run_dir(cached) / "findings.json"
     kept = json.loads(findings.read_text())
     assert kept["drawn_by"] == pipeline.figures_digest()
-    findings.write_text(json.dumps({**kept, "drawn_by": "older", "figures": {"weights": "AAAA"}}))
+    findings.write_text(json.dumps({**kept, "drawn_by": "older", "figures": {"weights": "AAAA"},
+                                    "confusion": None}))
     again = pipeline.grade(_submission(cached), cached.config)
     assert again.status == "graded", again.reason
     assert again.figures == cached.result.figures and again.checks == cached.result.checks
+    # the saved model's predictions on every test image, counted again
+    _, (_, test_labels) = pipeline.dataset(cached.config)
+    assert again.confusion_matrix == cached.result.confusion_matrix
+    assert sum(map(sum, again.confusion_matrix)) == len(test_labels)
     assert json.loads(findings.read_text())["drawn_by"] == pipeline.figures_digest()
