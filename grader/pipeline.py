@@ -163,7 +163,10 @@ def prepare(config: Config, notebooks: int | Synchronized | None = None) -> exec
 def _start_loading(config: Config) -> None:
     _loading.acquire()
     try:
-        threading.Thread(target=_load, args=(config,), name="labgrader-prepare", daemon=True).start()
+        # Not a daemon: a daemon thread still inside torch's C++ code when the interpreter exits can
+        # abort the process (a worker left with no notebook died of SIGABRT, "terminate called
+        # without an active exception"), so a process that exits early waits for the loading.
+        threading.Thread(target=_load, args=(config,), name="labgrader-prepare").start()
     except BaseException:
         _loading.release()
         raise

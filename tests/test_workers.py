@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from pathlib import Path
 
 import nbformat
@@ -91,6 +92,25 @@ def test_a_worker_stops_the_kernel_it_has_waiting_when_it_exits(grading_config, 
     assert json.loads((tmp_path / "listing.json").read_text()) == ["labgrader", "lg"]  # a kernel waited
     assert list(scratch.iterdir()) == []
     assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _mentions(p, str(scratch))]
+
+
+def _load_slowly_and_mark(config, marker: Path) -> None:
+    def slow_load(_config):
+        time.sleep(1)
+        marker.write_text("loaded")
+
+    pipeline._dataset_of = slow_load
+    pipeline._start_loading(config)  # and return at once: the process exits while it loads
+
+
+def test_a_process_that_exits_while_prepare_loads_waits_for_the_loading(grading_config, tmp_path):
+    # A worker can exit before its background loading ends (another worker took its notebook).
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_load_slowly_and_mark, args=(grading_config(), tmp_path / "marker"))
+    worker.start()
+    worker.join(60)
+    assert worker.exitcode == 0
+    assert (tmp_path / "marker").read_text() == "loaded"  # not cut off halfway by the exit
 
 
 def _mentions(cmdline: Path, text: str) -> bool:
