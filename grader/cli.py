@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -107,10 +108,17 @@ def _reference(args: argparse.Namespace) -> int:
     print(f"running the reference on {_describe(provisioned)}")
     content = spec.generate(provisioned)
     path = args.out or spec.path_for(provisioned.profile)
-    previous = path.read_text() if path.is_file() else None
+    previous = json.loads(path.read_text()) if path.is_file() else None
     spec.write(content, path)
-    change = ("identical to the previous spec" if previous == spec.dumps(content)
-              else "new" if previous is None else "CHANGED from the previous spec")
+    content = json.loads(spec.dumps(content))  # as written: lists, not tuples
+    if previous is None:
+        change = "new"
+    elif previous == content:
+        change = "identical to the previous spec"
+    elif not spec.differences(content, previous):
+        change = "the same as the previous spec within the rounding another CPU explains"
+    else:
+        change = "CHANGED from the previous spec: " + "; ".join(spec.differences(content, previous)[:3])
     print(f"test accuracy {content['test_accuracy']:.4f}; passing threshold "
           f"{content['thresholds']['saved_model_min_accuracy']:.4f}")
     print(f"wrote {path} ({change})")
