@@ -131,7 +131,7 @@ def _threads(wanted: int, jobs: int) -> int:
     return max(1, min(wanted, (os.cpu_count() or 1) // jobs))
 
 
-def _config(args: argparse.Namespace, out: Path, jobs: int = 1):
+def _config(args: argparse.Namespace, out: Path, jobs: int = 1, runs_dir: Path | None = None):
     from grader import batch, pipeline, resources, score
     from reference import spec
 
@@ -143,7 +143,7 @@ def _config(args: argparse.Namespace, out: Path, jobs: int = 1):
         raise UserError(str(error)) from None
     hide = tuple(p.resolve() for p in getattr(args, "paths", ()))  # other students' submissions
     return pipeline.Config(provisioned=provisioned, spec=loaded_spec, rubric=rubric,
-                           runs_dir=batch.Layout(out).runs.resolve(), threads=_threads(args.threads, jobs),
+                           runs_dir=(runs_dir or batch.Layout(out).runs).resolve(), threads=_threads(args.threads, jobs),
                            fast_data=args.fast_data, isolation=args.isolation, hide=hide)
 
 
@@ -170,17 +170,26 @@ def _grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_runs_dir(out: Path) -> Path:
+    import hashlib
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "labgrader" / "check-runs" / hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+
+
 def _check(args: argparse.Namespace) -> int:
     from grader import batch, intake, pipeline
 
     submissions = intake.collect([args.notebook])
     if len(submissions) != 1:
         raise UserError(f"{args.notebook}: expected one notebook, found {len(submissions)}")
-    config = _config(args, args.out)
+    # The kept run holds every verdict, hidden ones too: it stays in the user's cache, never in the
+    # report folder that a student (or a Classroom artifact) can read.
+    config = _config(args, args.out, runs_dir=_check_runs_dir(args.out))
     print(f"running {args.notebook} on {_describe(config.provisioned)} ...", file=sys.stderr)
     result = pipeline.grade(submissions[0], config)
     layout = batch.Layout(args.out)
-    batch.write_result(result, layout)
+    batch.write_result(result.for_students(), layout)
     if result.status == "error":
         print(f"could not grade {args.notebook}: {result.reason}")
         return 1

@@ -158,7 +158,7 @@ def _overall_output(r: GradeResult) -> str:
         lines.append("All visible checks pass, but not all hidden checks do.")
     for cell in r.cells:
         if cell.status in ("error", "timeout", "kernel-died"):
-            lines.append(f"Cell {cell.index} ({cell.status}): {cell.error or ''}".rstrip(": "))
+            lines.append(f"Cell {cell.number} ({cell.status}): {cell.error or ''}".rstrip(": "))
     return _clip("\n".join(lines))
 
 

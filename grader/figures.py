@@ -121,17 +121,18 @@ def _as_images(array: Any, what: str) -> np.ndarray:
     return np.where(np.isfinite(a), a, 0.0)
 
 
-def weight_images(weight: np.ndarray) -> str:
-    """The ten 28x28 images of a (10, 784) first-layer weight matrix, one per class.
+def weight_images(weight: np.ndarray, titles: Sequence[str]) -> str:
+    """The rows of a (N, 784) first-layer weight matrix as 28x28 images, one per title: the ten
+    classes of the lab's one-layer model, or the first units of a hidden layer (any number of them).
 
-    A diverging colour map centred on zero: red pixels push towards the class, blue away from it.
+    A diverging colour map centred on zero: red pixels push the row's output up, blue down.
     """
     w = np.asarray(weight, dtype=float)
-    if w.shape != (10, 784):
-        raise ValueError(f"weight_images: expected a (10, 784) matrix, got shape {w.shape}")
+    if w.ndim != 2 or w.shape[1] != 784 or len(w) != len(titles):
+        raise ValueError(f"weight_images: expected a ({len(titles)}, 784) matrix, got shape {w.shape}")
     images = _as_images(w, "weight_images")
     lim = float(np.max(np.abs(images))) or 1.0
-    return _image_grid(images, [str(digit) for digit in range(10)], columns=5, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    return _image_grid(images, list(titles), columns=5, cmap="RdBu_r", vmin=-lim, vmax=lim)
 
 
 _TITLE_ROWS = 10  # mosaic pixels above each image for its title

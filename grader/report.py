@@ -48,6 +48,10 @@ FIGURES = (
     ("weights", "What your model learned",
      "The ten 28 by 28 images of your model's first-layer weights, one per class; red pixels "
      "push towards the class, blue away from it."),
+    ("hidden_units", "What your model's first layer learned",
+     "The first units of your model's first hidden layer, each one's 784 weights as a 28 by 28 "
+     "image (patterns, not classes: later layers combine them); red pixels raise the unit's "
+     "output, blue lower it."),
     ("confusion", "Confusion matrix",
      "Your saved model on the test set: each row is a true class, each column the class your "
      "model predicted, each cell a count of test images. The diagonal is what it got right; the "
@@ -219,7 +223,7 @@ def _execution_notes(result: GradeResult, failed_cells: list[CellRun]) -> list[N
         notes.append(Note("bad", "The kernel died while a cell was running."))
     errors = [c for c in failed_cells if c.status == "error"]
     if errors:
-        cells = ", ".join(str(c.index) for c in errors)
+        cells = ", ".join(str(c.number) for c in errors)
         notes.append(Note("bad", f"{len(errors)} cell{'s' if len(errors) != 1 else ''} raised an "
                                  f"error (cell{'s' if len(errors) != 1 else ''} {cells}); the "
                                  "traceback is below."))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 SCHEMA_VERSION = "1.1"
+HIDDEN_MESSAGE = "A hidden check: your instructor sees its message."
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class CellRun:
     traceback: str | None = None  # plain text, ANSI colours removed
     images: int = 0  # image outputs the cell displayed
     source_head: str = ""  # first line of the cell, to name it in feedback
+
+    @property
+    def number(self) -> int:
+        """The cell's 1-based position in the notebook, as Jupyter shows it: the one number every
+        message, report and export uses for it (``index`` counts markdown cells too, from 0)."""
+        return self.index + 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,13 @@ class GradeResult:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_students(self) -> "GradeResult":
+        """This result as a student may read it: hidden checks keep their title and points, but
+        not their message or warnings (which can quote the reference's values)."""
+        checks = tuple(dataclasses.replace(c, message=HIDDEN_MESSAGE, warnings=())
+                       if c.visibility == "hidden" else c for c in self.checks)
+        return dataclasses.replace(self, checks=checks)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "GradeResult":

@@ -79,7 +79,7 @@ def real_figures() -> dict[str, str]:
     rng = np.random.default_rng(0)
     return {
         "learning_curves": figures.learning_curves(STUDENT_HISTORY, REFERENCE_HISTORY),
-        "weights": figures.weight_images(rng.normal(0, 0.05, (10, 784))),
+        "weights": figures.weight_images(rng.normal(0, 0.05, (10, 784)), [str(d) for d in range(10)]),
         "misclassified": figures.misclassified(rng.random((6, 784)), [4, 9, 3, 7, 2, 5],
                                                [9, 4, 5, 1, 7, 3]),
     }

@@ -434,6 +434,7 @@ def test_figures_take_untrusted_numbers_and_reject_wrong_shapes():
     png_size(figures.misclassified(np.zeros((2, 1, 28, 28)), ["$a$", 3], [1, "\\b"]))
     png_size(figures.misclassified(np.zeros((0, 784)), [], []))
     with pytest.raises(ValueError):
-        figures.weight_images(np.zeros((784, 10)))
+        figures.weight_images(np.zeros((784, 10)), [str(d) for d in range(10)])
+    png_size(figures.weight_images(np.zeros((8, 784)), [f"unit {u}" for u in range(1, 9)]))  # 8 hidden units
     with pytest.raises(ValueError):
         figures.misclassified(np.zeros((2, 784)), [1], [2, 3])
