@@ -153,7 +153,7 @@ def hidden_gap(submission_id: str = "hidden_gap") -> GradeResult:
 
 
 def with_failed_cell(submission_id: str = "bob") -> GradeResult:
-    """A shape error in cell 12 (kept as a traceback), later cells not run, two checks failing."""
+    """A shape error in cell 13 (index 12; kept as a traceback), later cells not run, two checks failing."""
     cells = list(ok_cells(12))
     cells.append(CellRun(index=12, status="error", seconds=0.02,
                          error="RuntimeError: mat1 and mat2 shapes cannot be multiplied "

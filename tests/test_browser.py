@@ -112,8 +112,8 @@ def test_report_shows_score_messages_and_figures(site, watched):
     failed = page.locator('li.check.failed[data-check="train_epoch"]')
     assert failed.is_visible()
     assert "return a fraction between 0 and 1, not a percentage" in failed.inner_text()
-    assert page.locator("#cell-12 pre.traceback").is_visible()
-    assert "mat1 and mat2 shapes cannot be multiplied" in page.locator("#cell-12").inner_text()
+    assert page.locator("#cell-13 pre.traceback").is_visible()
+    assert "mat1 and mat2 shapes cannot be multiplied" in page.locator("#cell-13").inner_text()
     imgs = images_loaded(page)
     assert len(imgs) == 3
     assert all(i["complete"] and i["w"] > 0 and i["alt"] for i in imgs), imgs

@@ -231,7 +231,7 @@ def test_gradescope_hidden_outputs_leak_nothing(cohort, out):
 def test_gradescope_overall_output_says_what_went_wrong(out):
     bob = json.loads((out / "bob" / "results.json").read_text("utf-8"))
     assert "Score: 9/15" in bob["output"]
-    assert "Cell 12 (error): RuntimeError: mat1 and mat2" in bob["output"]
+    assert "Cell 13 (error): RuntimeError: mat1 and mat2" in bob["output"]
     carol = json.loads((out / "carol" / "results.json").read_text("utf-8"))
     assert "timeout" in carol["output"] and "mnist-sample" in carol["output"]
     gap = json.loads((out / "hidden_gap" / "results.json").read_text("utf-8"))

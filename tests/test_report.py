@@ -148,7 +148,7 @@ def test_everything_passed_only_when_hidden_checks_pass_too():
 
 def test_failed_cell_traceback_in_pre():
     doc = parse(render_report(f.with_failed_cell()))
-    cell = doc.get_element_by_id("cell-12")
+    cell = doc.get_element_by_id("cell-13")
     tb = css(cell, "pre.traceback")[0].text_content()
     assert tb == f.TRACEBACK  # verbatim, whitespace kept
     assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in cell.text_content()
@@ -221,7 +221,7 @@ def test_execution_problems_isolation_profile_and_spec_are_reported():
     assert facts["Output truncated"] == "yes"
     assert facts["Network blocked"] == "cell 2"
     assert facts["Spec version"] == "2025.1"
-    assert "timed out" in doc.get_element_by_id("cell-8").text_content()
+    assert "timed out" in doc.get_element_by_id("cell-9").text_content()
 
 
 def test_kernel_death_and_clean_run_notes():
