@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import nbformat
 import numpy as np
@@ -42,11 +42,15 @@ if TYPE_CHECKING:
 # process): they are imported in the functions that compute a run's findings the first time, so a
 # regrade from kept findings never loads them.
 
-# The code whose change makes a cached run stale: what runs in the kernel, what it is fed, and
-# everything that turns its answers into verdicts, the reference's training code included.
-_ENGINE_FILES = ("inkernel.py", "probe.py", "execute.py", "sandbox.py", "expected.py", "saved_model.py",
-                 "checks.py")
-_REFERENCE_FILES = ("model.py", "training.py", "data.py")
+# A cached run is stale when anything that can change its verdicts changes: every module of the
+# grader and reference packages (a new module counts from the day it is added), except these, which
+# only present verdicts already made or start the work (figures.py has its own digest: a change to
+# it redraws kept findings without running the notebook)...
+_PRESENTATION = frozenset({"report.py", "export.py", "figures.py", "cli.py", "assign.py", "doctor.py",
+                           "resources.py"})
+# ...and the libraries that execute the notebook, compute the reference or read what came back.
+_DEPENDENCIES = ("torch", "torchvision", "numpy", "nbclient", "nbformat", "ipykernel", "jupyter_client",
+                 "pyzmq", "matplotlib", "mlxtend")
 
 
 @dataclass(frozen=True)
@@ -89,24 +93,54 @@ class Findings:
     confusion: list[list[int]] | None
 
 
-def _digest(*sources: tuple[Any, tuple[str, ...]]) -> str:
+def _digest(files: Iterable[Path], *texts: str) -> str:
     digest = hashlib.sha256()
-    for package, names in sources:
-        for name in names:
-            digest.update((Path(package.__file__).parent / name).read_bytes())
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for text in texts:
+        digest.update(text.encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def code_files(*packages: Path) -> list[Path]:
+    """Every module below the package directories, presentation modules left out, in a fixed order."""
+    return sorted((p for root in packages for p in root.rglob("*.py")
+                   if not (p.parent == root and p.name in _PRESENTATION)), key=lambda p: p.as_posix())
 
 
 @functools.cache
 def engine_digest() -> str:
-    return _digest((grader, _ENGINE_FILES), (reference, _REFERENCE_FILES))
+    import importlib.metadata
+    import platform
+
+    def version(name: str) -> str:
+        try:
+            return f"{name}=={importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            return f"{name} absent"
+
+    packages = (Path(grader.__file__).parent, Path(reference.__file__).parent)
+    return _digest(code_files(*packages), platform.python_version(), *map(version, _DEPENDENCIES))
 
 
 @functools.cache
 def figures_digest() -> str:
     """Kept findings hold drawn figures: a change to the drawing redraws them from the kept run,
     without running the notebook again (the run key leaves figures.py out for that reason)."""
-    return _digest((grader, ("figures.py",)))
+    return _digest([Path(grader.__file__).parent / "figures.py"])
+
+
+@functools.cache
+def isolation_available(isolation: str) -> dict[str, Any]:
+    """How strongly a notebook would be isolated here now. A run kept from a weaker sandbox (the
+    subprocess fallback, no job uid, no resource box) is not reused once a stronger one works."""
+    from grader import cgroups, sandbox
+
+    try:
+        mode = sandbox.choose_mode(isolation)[0]
+    except Exception as error:  # noqa: BLE001 - demanded but unavailable: no run is made anyway
+        mode = f"unavailable: {error}"
+    return {"mode": mode, "root": os.geteuid() == 0, "resource_box": cgroups.problem() is None}
 
 
 def run_key(submission: Submission, config: Config) -> dict[str, Any]:
@@ -116,7 +150,8 @@ def run_key(submission: Submission, config: Config) -> dict[str, Any]:
             "engine": engine_digest(), "profile": config.provisioned.profile,
             "fast_data": config.fast_data, "seed": config.seed,
             "model_file": config.rubric.model_file, "cell_timeout": config.rubric.cell_timeout,
-            "notebook_timeout": config.rubric.notebook_timeout}
+            "notebook_timeout": config.rubric.notebook_timeout,
+            "isolation": isolation_available(config.isolation)}
 
 
 @functools.cache

@@ -152,10 +152,54 @@ def test_changed_engine_invalidates_the_run(cached, no_execution, monkeypatch):
     _assert_executed_again(pipeline.grade(_submission(cached), cached.config))
 
 
-def test_engine_digest_covers_the_code_that_runs_and_judges():
-    assert {"inkernel.py", "probe.py", "execute.py", "sandbox.py", "expected.py", "saved_model.py",
-            "checks.py"} <= set(pipeline._ENGINE_FILES)
-    assert {"model.py", "training.py"} <= set(pipeline._REFERENCE_FILES)
+def test_engine_digest_covers_every_module_that_can_change_a_verdict():
+    import grader
+    import reference
+
+    roots = (Path(grader.__file__).parent, Path(reference.__file__).parent)
+    covered = {p.relative_to(p.parents[1]).as_posix() for p in pipeline.code_files(*roots)}
+    for module in ("grader/pipeline.py", "grader/results.py", "grader/execute.py", "grader/sandbox.py",
+                   "grader/checks.py", "grader/saved_model.py", "reference/idx.py", "reference/provision.py",
+                   "reference/training.py"):
+        assert module in covered
+    assert "grader/report.py" not in covered and "grader/figures.py" not in covered
+
+
+def test_a_change_to_any_module_or_a_new_one_changes_the_digest(tmp_path):
+    import grader
+
+    copy = tmp_path / "grader"
+    shutil.copytree(Path(grader.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    digest = lambda: pipeline._digest(pipeline.code_files(copy))  # noqa: E731
+    before = digest()
+    (copy / "results.py").write_text((copy / "results.py").read_text() + "\n# changed\n")
+    changed = digest()
+    (copy / "new_stage.py").write_text("X = 1\n")
+    assert len({before, changed, digest()}) == 3
+    (copy / "report.py").write_text("# presentation only\n")
+    assert len({before, changed, digest()}) == 3  # unchanged by the report
+
+
+def test_the_key_holds_the_libraries_and_the_sandbox_it_ran_in(cached, monkeypatch):
+    import importlib.metadata
+
+    key = pipeline.run_key(_submission(cached), cached.config)
+    assert key["isolation"]["mode"] in ("bubblewrap", "subprocess")
+    assert pipeline.load_run(_submission(cached), cached.config) is not None
+    # The run was kept from this sandbox; a machine where another one is available runs it again.
+    other = {**key["isolation"], "resource_box": not key["isolation"]["resource_box"]}
+    monkeypatch.setattr(pipeline, "isolation_available", lambda isolation: other)
+    assert pipeline.load_run(_submission(cached), cached.config) is None
+    monkeypatch.undo()
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.0-other" if name == "nbclient" else real(name))
+    pipeline.engine_digest.cache_clear()
+    try:
+        assert pipeline.run_key(_submission(cached), cached.config)["engine"] != key["engine"]
+    finally:
+        monkeypatch.undo()
+        pipeline.engine_digest.cache_clear()
 
 
 @pytest.mark.parametrize("change", [
