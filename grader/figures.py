@@ -81,14 +81,16 @@ def learning_curves(student: dict[str, list[float]] | None,
 
     Histories are dicts like ``{"train_loss": [...], "train_acc": [...], "val_loss": [...],
     "val_acc": [...]}``; a key goes to the accuracy panel if its name contains "acc" and to the
-    loss panel if it contains "loss". ``student`` is ``None`` when the probe got no history.
+    loss panel if it contains "loss". ``student`` is the notebook's own record (its ``hist``
+    variable, as the notebook left it: a claim, never checked or scored), ``None`` when it has none;
+    the legend says so.
     """
     fig = Figure(figsize=(8, 3))
     fig.subplots_adjust(left=0.07, right=0.985, bottom=0.16, top=0.9, wspace=0.22)
     acc_ax, loss_ax = fig.subplots(1, 2)
     for ax, word, title in ((acc_ax, "acc", "Accuracy"), (loss_ax, "loss", "Loss")):
         for who, history, style, colours in (("reference", reference, "--", _REFERENCE_COLOURS),
-                                             ("you", student, "-", _STUDENT_COLOURS)):
+                                             ("your hist", student, "-", _STUDENT_COLOURS)):
             for i, key in enumerate(_panel_keys(history, word)):
                 y = _series(history[key])  # type: ignore[index]
                 if y.size == 0:
@@ -97,7 +99,7 @@ def learning_curves(student: dict[str, list[float]] | None,
                 ax.plot(x, y, style, color=colours[i % len(colours)], marker="." if y.size < 30 else None,
                         linewidth=1.5, label=f"{who}: {_plain(key)}")
         if student is None:
-            ax.text(0.5, 0.5, "no curves from your train()", transform=ax.transAxes,
+            ax.text(0.5, 0.5, "no hist in your notebook", transform=ax.transAxes,
                     ha="center", va="center", color="#b00020", fontsize=9)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch", fontsize=9)

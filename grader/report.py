@@ -43,8 +43,8 @@ FAILED_CELL_STATUSES = ("error", "timeout", "kernel-died")
 # GradeResult.confusion_matrix, not an image
 FIGURES = (
     ("learning_curves", "Learning curves",
-     "Accuracy and loss per epoch: your train() history (solid lines) beside the reference's "
-     "(dashed lines)."),
+     "Accuracy and loss per epoch: the history your notebook recorded in its variable hist, as "
+     "it left it (solid lines; shown, not graded), beside the reference's (dashed lines)."),
     ("weights", "What your model learned",
      "The ten 28 by 28 images of your model's first-layer weights, one per class; red pixels "
      "push towards the class, blue away from it."),
