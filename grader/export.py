@@ -9,7 +9,21 @@
   (https://gradescope-autograders.readthedocs.io/en/latest/specs/): top-level ``score`` and a test
   per check with ``name``, ``score``, ``max_score``, ``status`` ("passed"/"failed"), ``output``
   and ``visibility`` ("visible"/"hidden");
-* ``junit.xml``: one ``<testsuite>`` for the run, a ``<testcase>`` per submission and check.
+* ``junit.xml``: one ``<testsuite>`` for the run, a ``<testcase>`` per submission and check;
+* ``canvas_gradebook.csv``: Canvas's gradebook import (``Student, ID, SIS User ID, SIS Login ID,
+  Section`` and one assignment column ``<title>`` or ``<title> (<assignment id>)``, a
+  ``Points Possible`` row first), as Canvas's own gradebook export lays it out. Canvas matches a
+  row to a student by ``ID`` (its user id), so rows carry the id the LMS gave (``students``); a
+  submission that could not be graded leaves its points empty, which Canvas reads as "no change";
+* ``moodle_grading_worksheet.csv``: the offline grading worksheet of a Moodle assignment, with the
+  columns Moodle's importer reads (``Identifier`` "Participant <id>", ``Grade``, ``Last modified
+  (grade)``, ``Feedback comments``) among those its download has. ``Last modified (grade)`` is
+  when labgrader graded: Moodle skips a row whose grade was changed in Moodle after that, unless
+  the instructor ticks "ignore modified".
+
+Students' LMS ids and names come from ``students`` (submission id -> (LMS id, name)); without an
+entry the name is the submission id and the LMS id is left empty (the LMS then reports the row as
+unmatched instead of grading the wrong student).
 
 A hidden check's message, inputs and warnings are never written to any of them: its output only
 says that it is hidden and how many points it earned. Every file is written atomically (a
@@ -18,6 +32,7 @@ temporary file in the same folder, then ``os.replace``), so a reader never sees 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import math
@@ -25,20 +40,26 @@ import os
 import re
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from grader.results import GradeResult, ScoredCheck
 
-__all__ = ["write_exports", "gradebook_csv", "gradescope_json", "junit_xml", "atomic_write_text",
-           "hidden_output"]
+__all__ = ["write_exports", "gradebook_csv", "gradescope_json", "write_gradescope", "junit_xml", "canvas_csv",
+           "moodle_csv", "atomic_write_text", "hidden_output", "visible_output", "points"]
 
 GRADEBOOK = "gradebook.csv"
 GRADESCOPE = "results.json"
 JUNIT = "junit.xml"
+CANVAS = "canvas_gradebook.csv"
+MOODLE = "moodle_grading_worksheet.csv"
 SUITE_NAME = "labgrader"
+DEFAULT_TITLE = "labgrader"  # the assignment's name where the caller gives none
+
+# submission id -> (the student's id in the LMS, their name as the LMS gave it)
+Students = Mapping[str, tuple[str, str]]
 MAX_OUTPUT_CHARS = 20_000  # per text field taken from a notebook (tracebacks can be huge)
 
 # Characters XML 1.0 cannot carry at all (tracebacks may hold ANSI escapes or NULs).
@@ -74,7 +95,7 @@ def _clip(text: str | None, limit: int = MAX_OUTPUT_CHARS) -> str:
     return text
 
 
-def _number(x: float) -> float | int:
+def points(x: float) -> float | int:
     """Points as JSON/CSV numbers: whole numbers without ``.0``, others rounded to 4 places."""
     x = float(x)
     if not math.isfinite(x):
@@ -85,7 +106,7 @@ def _number(x: float) -> float | int:
 
 def hidden_output(check: ScoredCheck) -> str:
     """All that is ever said about a hidden check: that it is hidden, and its points."""
-    return (f"Hidden check: {_number(check.points)}/{_number(check.max_points)} points. "
+    return (f"Hidden check: {points(check.points)}/{points(check.max_points)} points. "
             "Its details are not shown.")
 
 
@@ -107,6 +128,14 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def _csv(rows: Iterable[Iterable[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for row in rows:
+        writer.writerow([_cell(v) for v in row])
+    return buf.getvalue()
+
+
 def gradebook_csv(results: Iterable[GradeResult], rubric_check_names: list[str]) -> str:
     results = list(results)
     names = list(rubric_check_names)
@@ -114,26 +143,23 @@ def gradebook_csv(results: Iterable[GradeResult], rubric_check_names: list[str])
         for c in r.checks:
             if c.name not in names:
                 names.append(c.name)
-    header = ["submission_id", "source", "status", "reason", *names, "total", "max_score",
-              "execution_status", "notebook_sha256", "graded_at"]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
+    rows: list[list[Any]] = [["submission_id", "source", "status", "reason", *names, "total", "max_score",
+                              "execution_status", "notebook_sha256", "graded_at"]]
     for r in results:
         by_name = {c.name: c for c in r.checks}
         graded = r.status == "graded"
-        points = [_number(by_name[n].points) if graded and n in by_name else "" for n in names]
-        writer.writerow([_cell(v) for v in (
-            r.submission_id, r.source, r.status, r.reason or "", *points,
-            _number(r.score) if graded else "", _number(r.max_score),
-            r.execution_status or "", r.notebook_sha256 or "", r.graded_at)])
-    return buf.getvalue()
+        per_check = [points(by_name[n].points) if graded and n in by_name else "" for n in names]
+        rows.append([r.submission_id, r.source, r.status, r.reason or "", *per_check,
+                     points(r.score) if graded else "", points(r.max_score),
+                     r.execution_status or "", r.notebook_sha256 or "", r.graded_at])
+    return _csv(rows)
 
 
 # --------------------------------------------------------------------------------------------
 # Gradescope
 
-def _visible_output(check: ScoredCheck) -> str:
+def visible_output(check: ScoredCheck) -> str:
+    """What a visible check tells the student: its message and warnings, clipped."""
     parts = [check.message or ""]
     parts += [f"Warning: {w}" for w in check.warnings]
     return _clip("\n".join(p for p in parts if p))
@@ -142,7 +168,7 @@ def _visible_output(check: ScoredCheck) -> str:
 def _overall_output(r: GradeResult) -> str:
     if r.status != "graded":
         return _clip(f"Not graded: {r.reason or 'the grader could not grade this submission.'}")
-    lines = [f"Score: {_number(r.score)}/{_number(r.max_score)}"]
+    lines = [f"Score: {points(r.score)}/{points(r.max_score)}"]
     if r.execution_status and r.execution_status != "completed":
         lines.append(f"The notebook's run ended with status: {r.execution_status}.")
     if r.output_truncated:
@@ -169,14 +195,14 @@ def gradescope_json(result: GradeResult) -> dict[str, Any]:
         hidden = c.visibility == "hidden"
         tests.append({
             "name": c.title or c.name,
-            "score": _number(c.points),
-            "max_score": _number(c.max_points),
+            "score": points(c.points),
+            "max_score": points(c.max_points),
             "status": "passed" if c.status == "passed" else "failed",
-            "output": hidden_output(c) if hidden else _visible_output(c),
+            "output": hidden_output(c) if hidden else visible_output(c),
             "visibility": "hidden" if hidden else "visible",
         })
     out: dict[str, Any] = {
-        "score": _number(result.score) if result.status == "graded" else 0,
+        "score": points(result.score) if result.status == "graded" else 0,
         "execution_time": max(0, round(result.seconds)),
         "output": _overall_output(result),
         "output_format": "text",
@@ -186,6 +212,11 @@ def gradescope_json(result: GradeResult) -> dict[str, Any]:
         "tests": tests,
     }
     return out
+
+
+def write_gradescope(result: GradeResult, path: Path) -> None:
+    """:func:`gradescope_json` of ``result``, written atomically to ``path``."""
+    atomic_write_text(path, json.dumps(gradescope_json(result), indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,11 +267,11 @@ def junit_xml(results: Iterable[GradeResult], rubric_check_names: list[str],
                 failures += 1
                 hidden = check.visibility == "hidden"
                 message = hidden_output(check) if hidden else (
-                    f"{_number(check.points)}/{_number(check.max_points)} points: {check.message}")
+                    f"{points(check.points)}/{points(check.max_points)} points: {check.message}")
                 el = ET.SubElement(case, "failure", {
                     "type": "hidden" if hidden else check.status,
                     "message": _xml_text(message.splitlines()[0] if message else "")})
-                el.text = _xml_text(message if hidden else _visible_output(check))
+                el.text = _xml_text(message if hidden else visible_output(check))
     ET.SubElement(suite, "system-out")
     ET.SubElement(suite, "system-err")
     for el in (root, suite):
@@ -254,10 +285,67 @@ def junit_xml(results: Iterable[GradeResult], rubric_check_names: list[str],
 
 
 # --------------------------------------------------------------------------------------------
+# LMS gradebooks: Canvas and Moodle
 
-def write_exports(results: list[GradeResult], out_dir: Path,
-                  rubric_check_names: list[str]) -> list[Path]:
-    """Write the gradebook, each submission's Gradescope JSON and the JUnit XML under ``out_dir``.
+def _identity(r: GradeResult, students: Students | None) -> tuple[str, str]:
+    """(LMS id, name) of the student who sent ``r``: from ``students``, else ("", submission id)."""
+    return (students or {}).get(r.submission_id, ("", r.submission_id))
+
+
+def canvas_csv(results: Iterable[GradeResult], title: str = DEFAULT_TITLE,
+               students: Students | None = None, assignment_id: str | None = None) -> str:
+    """The run as a Canvas gradebook import: one assignment column, total points per student.
+
+    With ``assignment_id`` (the number in the assignment's Canvas URL) the column updates that
+    assignment; without it Canvas offers to create an assignment named ``title``."""
+    results = list(results)
+    column = f"{title} ({assignment_id})" if assignment_id else title
+    possible = max((r.max_score for r in results), default=0.0)
+    rows: list[list[Any]] = [["Student", "ID", "SIS User ID", "SIS Login ID", "Section", column],
+                             ["    Points Possible", "", "", "", "", points(possible)]]
+    for r in results:
+        lms_id, name = _identity(r, students)
+        rows.append([name, lms_id, "", "", "", points(r.score) if r.status == "graded" else ""])
+    return _csv(rows)
+
+
+def _moodle_feedback(r: GradeResult) -> str:
+    """The feedback comment, as the HTML Moodle's comment editor stores: every check's points, a
+    visible check's message when it lost points, a hidden check's points only."""
+    if r.status != "graded":
+        lines = [f"Not graded: {r.reason or 'the grader could not grade this submission.'}"]
+    else:
+        lines = [f"Score: {points(r.score)}/{points(r.max_score)}"]
+        for c in r.checks:
+            earned = f"{c.title or c.name}: {points(c.points)}/{points(c.max_points)}"
+            if c.visibility == "hidden":
+                lines.append(f"{earned} (hidden check)")
+            else:
+                lines.append(earned if c.status == "passed" else f"{earned}. {c.message}")
+    return "<br>\n".join(html.escape(_clip(line, 2_000)) for line in lines)
+
+
+def moodle_csv(results: Iterable[GradeResult], students: Students | None = None) -> str:
+    """The run as a Moodle assignment's offline grading worksheet (Moodle's column names)."""
+    rows: list[list[Any]] = [["Identifier", "Full name", "Email address", "Status", "Grade", "Maximum Grade",
+                              "Grade can be changed", "Last modified (submission)", "Last modified (grade)",
+                              "Feedback comments"]]
+    for r in results:
+        lms_id, name = _identity(r, students)
+        graded = r.status == "graded"
+        rows.append([f"Participant {lms_id}" if lms_id else "", name, "",
+                     "Graded" if graded else "Submitted for grading",
+                     points(r.score) if graded else "", points(r.max_score), "Yes", "",
+                     r.graded_at, _moodle_feedback(r)])
+    return _csv(rows)
+
+
+# --------------------------------------------------------------------------------------------
+
+def write_exports(results: list[GradeResult], out_dir: Path, rubric_check_names: list[str], *,
+                  title: str = DEFAULT_TITLE, students: Students | None = None) -> list[Path]:
+    """Write the gradebook, each submission's Gradescope JSON, the JUnit XML and the Canvas and
+    Moodle gradebooks under ``out_dir``; ``title`` names the assignment in the LMS gradebooks.
 
     Returns the paths written. Raises ``ValueError`` (before writing anything) if a submission id
     could not be a single folder name, or two submissions share an id.
@@ -271,8 +359,11 @@ def write_exports(results: list[GradeResult], out_dir: Path,
     atomic_write_text(written[-1], gradebook_csv(results, rubric_check_names))
     for r in results:
         written.append(out_dir / dirs[r.submission_id] / GRADESCOPE)
-        atomic_write_text(written[-1],
-                          json.dumps(gradescope_json(r), indent=2, ensure_ascii=False) + "\n")
+        write_gradescope(r, written[-1])
     written.append(out_dir / JUNIT)
     atomic_write_text(written[-1], junit_xml(results, rubric_check_names))
+    written.append(out_dir / CANVAS)
+    atomic_write_text(written[-1], canvas_csv(results, title, students))
+    written.append(out_dir / MOODLE)
+    atomic_write_text(written[-1], moodle_csv(results, students))
     return written

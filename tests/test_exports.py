@@ -1,11 +1,13 @@
-"""The run's exports: gradebook CSV, Gradescope results.json, JUnit XML."""
+"""The run's exports: gradebook CSV, Gradescope results.json, JUnit XML, Canvas and Moodle gradebooks."""
 from __future__ import annotations
 
 import csv
 import dataclasses
+import html
 import io
 import json
 import xml.etree.ElementTree as ET
+from datetime import datetime
 from pathlib import Path
 
 import jsonschema
@@ -13,7 +15,7 @@ import pytest
 from lxml import etree
 
 import factories as f
-from grader.export import gradebook_csv, junit_xml, write_exports
+from grader.export import canvas_csv, gradebook_csv, junit_xml, moodle_csv, write_exports
 
 # Gradescope's results.json, written from its autograder specification
 # (https://gradescope-autograders.readthedocs.io/en/latest/specs/, "Output format"): every key
@@ -298,7 +300,8 @@ def test_junit_survives_control_characters_and_markup():
 def test_exports_are_written_atomically_and_refuse_escaping_ids(tmp_path: Path):
     written = write_exports([f.perfect(), f.error("dave")], tmp_path, f.RUBRIC_CHECK_NAMES)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in written) == [
-        "dave/results.json", "gradebook.csv", "junit.xml", "perfect/results.json"]
+        "canvas_gradebook.csv", "dave/results.json", "gradebook.csv", "junit.xml",
+        "moodle_grading_worksheet.csv", "perfect/results.json"]
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
     for bad in ("../escape", "a/b", "..", ""):
@@ -307,3 +310,91 @@ def test_exports_are_written_atomically_and_refuse_escaping_ids(tmp_path: Path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "escape").exists()
     with pytest.raises(ValueError):
         write_exports([f.perfect("a"), f.error("a")], tmp_path / "y", f.RUBRIC_CHECK_NAMES)
+
+
+# --------------------------------------------------------------------------------------------
+# LMS gradebooks. Students as a Canvas or Moodle download names them; the cohort's last two
+# students have no entry (intake found no LMS id for them).
+
+STUDENTS = {"perfect": ("30871", "Lovelace, Ada"), "hidden_gap": ("30872", "Hopper, Grace"),
+            "bob": ("30873", "Bob O'Brien, \"Bobby\""), "carol": ("30874", "=HYPERLINK(\"http://evil\")"),
+            "dave": ("30875", "Dave Null"), "student00": ("30876", "Zero, Student"),
+            "student01": ("30877", "One, Student"), "student02": ("30878", "Two, Student")}
+TITLE = "Create your first PyTorch model"
+
+
+def _rows(text: str) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(text)))
+
+
+def test_canvas_gradebook_import_layout(cohort):
+    rows = _rows(canvas_csv(cohort, TITLE, STUDENTS, assignment_id="4812"))
+    # Canvas's gradebook export: five student columns, then "<assignment> (<id>)"; the second row
+    # gives the points possible under the assignment column.
+    assert rows[0] == ["Student", "ID", "SIS User ID", "SIS Login ID", "Section", f"{TITLE} (4812)"]
+    assert rows[1][0].strip() == "Points Possible" and rows[1][1:5] == ["", "", "", ""]
+    assert float(rows[1][5]) == max(r.max_score for r in cohort)
+    body = rows[2:]
+    assert len(body) == len(cohort)
+    for result, row in zip(cohort, body):
+        assert len(row) == 6
+        lms_id, name = STUDENTS.get(result.submission_id, ("", result.submission_id))
+        assert row[1] == lms_id
+        assert row[0] == ("'" + name if name.startswith("=") else name)
+        if result.status == "graded":
+            assert float(row[5]) == pytest.approx(result.score)
+        else:
+            assert row[5] == ""  # Canvas leaves an empty cell's grade as it is
+    # Without an assignment id, the column is the title alone: Canvas offers to create it.
+    assert _rows(canvas_csv(cohort, TITLE))[0][5] == TITLE
+
+
+def test_moodle_grading_worksheet_layout(cohort):
+    rows = _rows(moodle_csv(cohort, STUDENTS))
+    # The columns of the worksheet Moodle's assignment downloads; its importer reads Identifier
+    # ("Participant <id>"), Grade, "Last modified (grade)" and the feedback plugin's column.
+    assert rows[0] == ["Identifier", "Full name", "Email address", "Status", "Grade", "Maximum Grade",
+                       "Grade can be changed", "Last modified (submission)", "Last modified (grade)",
+                       "Feedback comments"]
+    body = [dict(zip(rows[0], row)) for row in rows[1:]]
+    assert len(body) == len(cohort)
+    for result, row in zip(cohort, body):
+        lms_id, _ = STUDENTS.get(result.submission_id, ("", result.submission_id))
+        assert row["Identifier"] == (f"Participant {lms_id}" if lms_id else "")
+        assert float(row["Maximum Grade"]) == result.max_score
+        assert row["Last modified (grade)"] == result.graded_at
+        datetime.fromisoformat(row["Last modified (grade)"])  # a date PHP's strtotime reads
+        feedback = row["Feedback comments"]
+        assert HIDDEN_MARK not in feedback
+        if result.status == "graded":
+            assert float(row["Grade"]) == pytest.approx(result.score)
+            assert feedback.startswith(f"Score: {row['Grade']}/")
+            for c in result.checks:
+                if c.visibility == "hidden":
+                    assert f"{c.title}: " in feedback and "(hidden check)" in feedback
+                elif c.status != "passed":
+                    assert html.escape(c.message) in feedback
+        else:
+            assert row["Grade"] == "" and row["Status"] == "Submitted for grading"
+            assert html.escape(result.reason) in feedback
+    carol = body[[r.submission_id for r in cohort].index("carol")]
+    assert carol["Full name"] == "'=HYPERLINK(\"http://evil\")"  # defused, as in the gradebook
+
+
+def test_moodle_feedback_is_escaped_html():
+    text = moodle_csv([f.hostile()])
+    feedback = _rows(text)[1][9]
+    assert "<script>" not in feedback and "&lt;script&gt;" in feedback
+    assert "<br>" in feedback  # one line per check, as Moodle's comment editor shows HTML
+
+
+def test_lms_gradebooks_are_written_with_the_run(cohort, tmp_path: Path):
+    write_exports(cohort, tmp_path, f.RUBRIC_CHECK_NAMES, title=TITLE, students=STUDENTS)
+    with open(tmp_path / "canvas_gradebook.csv", newline="", encoding="utf-8") as fh:
+        canvas = list(csv.reader(fh))
+    with open(tmp_path / "moodle_grading_worksheet.csv", newline="", encoding="utf-8") as fh:
+        moodle = list(csv.DictReader(fh))
+    assert canvas[0][5] == TITLE
+    assert [row[1] for row in canvas[2:]] == [STUDENTS.get(r.submission_id, ("", ""))[0] for r in cohort]
+    assert [row["Identifier"] for row in moodle] == [
+        f"Participant {STUDENTS[r.submission_id][0]}" if r.submission_id in STUDENTS else "" for r in cohort]
