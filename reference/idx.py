@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["IdxError", "IdxKind", "parse_idx", "read_idx", "write_idx"]
+__all__ = ["IdxError", "IdxKind", "encode_idx", "parse_idx", "read_idx", "write_idx"]
 
 IdxKind = Literal["images", "labels"]
 
@@ -101,6 +101,17 @@ def read_idx(path: str | os.PathLike[str], kind: IdxKind | None = None) -> np.nd
     return parse_idx(data, str(path), kind)
 
 
+def encode_idx(array: np.ndarray) -> bytes:
+    """The bytes of the (uncompressed) IDX file of a ``uint8`` array of 1 (labels) or 3 (images) dims."""
+    array = np.asarray(array)
+    # No silent casting: float pixels in 0..1 or labels above 255 would be wrapped, not rejected.
+    if array.dtype != np.uint8:
+        raise ValueError(f"write_idx writes unsigned bytes; got dtype {array.dtype} (convert it explicitly)")
+    if array.ndim not in _KIND_OF_NDIM:
+        raise ValueError(f"write_idx writes images (3 dims) or labels (1 dim); got shape {array.shape}")
+    return struct.pack(f">I{array.ndim}I", _magic(array.ndim), *array.shape) + np.ascontiguousarray(array).tobytes()
+
+
 def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """Write a ``uint8`` array of 1 (labels) or 3 (images) dimensions as an IDX file.
 
@@ -108,13 +119,7 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
     reproducible). The file is replaced atomically, so a reader never sees half of it.
     """
     path = Path(path)
-    array = np.asarray(array)
-    # No silent casting: float pixels in 0..1 or labels above 255 would be wrapped, not rejected.
-    if array.dtype != np.uint8:
-        raise ValueError(f"write_idx writes unsigned bytes; got dtype {array.dtype} (convert it explicitly)")
-    if array.ndim not in _KIND_OF_NDIM:
-        raise ValueError(f"write_idx writes images (3 dims) or labels (1 dim); got shape {array.shape}")
-    data = struct.pack(f">I{array.ndim}I", _magic(array.ndim), *array.shape) + np.ascontiguousarray(array).tobytes()
+    data = encode_idx(array)
     if path.suffix == ".gz":
         data = gzip.compress(data, mtime=0)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -3,9 +3,12 @@ without touching the network.
 
 Students' notebooks call torchvision with ``download=True``; the grader runs them offline. So the
 grader hands them a root in torchvision's own layout, ``<root>/<Class>/raw/<four IDX files>``
-decompressed, where torchvision finds the files and downloads nothing.
+decompressed, where torchvision finds the files and downloads nothing. As in torchvision, one root
+holds every dataset side by side (``MNIST/`` and ``FashionMNIST/``): provisioning a second dataset
+adds it, and a notebook that loads another dataset than the lab's finds it when it was provisioned.
 
-Profiles (the name is recorded in ``<root>/labgrader-profile.json`` and in every grade):
+Profiles (the name is recorded in ``<root>/<Class>/labgrader-profile.json``, with the files'
+sha256, and in every grade; ``MNIST/`` holds either ``mnist`` or ``mnist-sample``):
 
 ``mnist``
     Full MNIST, 60000 training and 10000 test digits.
@@ -42,12 +45,12 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from reference.idx import IdxKind, read_idx, write_idx
+from reference.idx import IdxKind, encode_idx, read_idx, write_idx
 
 __all__ = [
     "DEBIAN_FASHION_DIR",
@@ -56,6 +59,8 @@ __all__ = [
     "RAW_FILES",
     "Provisioned",
     "SAMPLE_SEED",
+    "cache_home",
+    "datasets_in",
     "default_root",
     "provision",
     "read_profile",
@@ -64,7 +69,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Dataset = Literal["mnist", "fashion-mnist"]
-Profile = Literal["mnist", "fashion-mnist", "mnist-sample"]
 
 PROFILE_FILE = "labgrader-profile.json"
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -94,7 +98,10 @@ class DatasetUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Provisioned:
-    """A dataset root torchvision reads offline: ``torchvision.datasets.<torchvision_class>(root)``."""
+    """A dataset torchvision reads offline: ``torchvision.datasets.<torchvision_class>(root)``.
+
+    ``sha256``: the digest of each of its four IDX files as provisioned (decompressed), by file name;
+    what a spec made from this data records."""
 
     profile: str
     torchvision_class: str
@@ -103,47 +110,79 @@ class Provisioned:
     train_size: int
     test_size: int
     is_sample: bool
+    sha256: dict[str, str]
 
 
-def default_root(profile: Profile) -> Path:
-    """``$LABGRADER_HOME/data/<profile>``, by default ``~/.cache/labgrader/data/<profile>``."""
-    if profile not in ("mnist", "fashion-mnist", "mnist-sample"):
-        raise ValueError(f"unknown profile {profile!r}; expected 'mnist', 'fashion-mnist' or 'mnist-sample'")
-    home = os.environ.get("LABGRADER_HOME") or Path.home() / ".cache" / "labgrader"
-    return Path(home) / "data" / profile
+def cache_home() -> Path:
+    """Where labgrader keeps what it prepares: ``$LABGRADER_HOME``, else ``$XDG_CACHE_HOME/labgrader``,
+    else ``~/.cache/labgrader``."""
+    if os.environ.get("LABGRADER_HOME"):
+        return Path(os.environ["LABGRADER_HOME"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec says a relative path there is invalid and must be ignored.
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "labgrader"
 
 
-def read_profile(root: str | os.PathLike[str]) -> Provisioned:
-    """Read ``<root>/labgrader-profile.json`` as written by :func:`provision` (files not re-checked)."""
-    return _read_record(Path(root))[0]
+def default_root() -> Path:
+    """``<cache_home()>/datasets``: one root for every dataset, as torchvision keeps them."""
+    return cache_home() / "datasets"
 
 
-def _read_record(root: Path) -> tuple[Provisioned, dict[str, Any]]:
-    path = root / PROFILE_FILE
+def read_profile(root: str | os.PathLike[str], dataset: Dataset | None = None) -> Provisioned:
+    """``dataset`` as provisioned in ``root`` (its record read, files not re-checked); without
+    ``dataset``, the one the root holds, when it holds only one."""
+    root = Path(root)
+    if dataset is not None:
+        return _read_record(root, _class_of(dataset))
+    found = datasets_in(root)
+    if not found:
+        raise FileNotFoundError(f"{root}: no labgrader profile here; no dataset is provisioned in it "
+                                "(provision one with `labgrader data --root`)")
+    if len(found) > 1:
+        raise ValueError(f"{root} holds {', '.join(p.profile for p in found)}; name the dataset you want")
+    return found[0]
+
+
+def datasets_in(root: str | os.PathLike[str]) -> list[Provisioned]:
+    """Every dataset provisioned in ``root`` (records read, files not re-checked)."""
+    root = Path(root)
+    return [_read_record(root, name) for name in _CLASS.values() if (root / name / PROFILE_FILE).is_file()]
+
+
+def _class_of(dataset: str) -> str:
+    if dataset not in _CLASS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected 'mnist' or 'fashion-mnist'")
+    return _CLASS[dataset]
+
+
+def _read_record(root: Path, torchvision_class: str) -> Provisioned:
+    path = root / torchvision_class / PROFILE_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path}: no labgrader profile here; {root} is not a provisioned dataset root "
-            "(create one with reference.provision.provision())"
+            f"{path}: no labgrader profile here; {torchvision_class} is not provisioned in {root} "
+            "(provision it with `labgrader data --root`)"
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a valid labgrader profile: {exc}") from None
     try:
         if record["format"] != _PROFILE_FORMAT:
             raise ValueError(f"format {record['format']!r}, this labgrader reads format {_PROFILE_FORMAT}")
-        found = Provisioned(
+        if record["torchvision_class"] != torchvision_class:
+            raise ValueError(f"it describes {record['torchvision_class']!r}")
+        return Provisioned(
             profile=str(record["profile"]),
-            torchvision_class=str(record["torchvision_class"]),
+            torchvision_class=torchvision_class,
             root=root,
             source=str(record["source"]),
             train_size=int(record["train_size"]),
             test_size=int(record["test_size"]),
             is_sample=bool(record["is_sample"]),
+            sha256={name: str(record["sha256"][name]) for name in RAW_FILES},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a valid labgrader profile: {type(exc).__name__}: {exc}") from None
-    return found, record
 
 
 def provision(
@@ -154,24 +193,28 @@ def provision(
 ) -> Provisioned:
     """Make ``dataset`` ("mnist" or "fashion-mnist") readable offline by torchvision; see the module doc.
 
-    ``root`` defaults to :func:`default_root` of the profile obtained. A root provisioned before is
-    validated and reused; one whose files no longer match its profile is rebuilt. Raises
+    ``root`` defaults to :func:`default_root`; other datasets already there are left as they are.
+    A dataset provisioned there before is validated and reused, unless a data dir names other
+    files; one whose files no longer match its record is rebuilt. Raises
     :class:`DatasetUnavailable` when no source has the dataset and :class:`reference.idx.IdxError`
     when a source's file is malformed.
     """
-    if dataset not in _CLASS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected 'mnist' or 'fashion-mnist'")
+    torchvision_class = _class_of(dataset)
     named_dir = Path(data_dir) if data_dir is not None else _env_data_dir()
-    # A named data dir says the full dataset is wanted, so an earlier sample must not stand in for it.
-    reusable = [dataset] if named_dir is not None or dataset != "mnist" else ["mnist", "mnist-sample"]
-    for candidate in [Path(root)] if root is not None else [default_root(p) for p in reusable]:
-        found = _reuse(candidate, dataset, reusable)
+    target = Path(root) if root is not None else default_root()
+    if named_dir is None:
+        found = _reuse(target, torchvision_class, ["mnist", "mnist-sample"] if dataset == "mnist" else [dataset])
         if found is not None:
             return found
-
     profile, source, arrays = _acquire(dataset, named_dir, allow_download)
-    target = Path(root) if root is not None else default_root(profile)
-    return _install(target, profile, _CLASS[dataset], source, arrays)
+    if named_dir is not None:
+        # The named files are the ones wanted: what is there is kept only if it is those files (and
+        # never an earlier sample standing in for the full dataset).
+        found = _reuse(target, torchvision_class, [profile])
+        if found is not None and found.sha256 == {name: hashlib.sha256(encode_idx(a)).hexdigest()
+                                                  for name, a in arrays.items()}:
+            return found
+    return _install(target, profile, torchvision_class, source, arrays)
 
 
 def _env_data_dir() -> Path | None:
@@ -183,27 +226,25 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _reuse(root: Path, dataset: str, reusable: list[str]) -> Provisioned | None:
-    if not (root / PROFILE_FILE).exists():
+def _reuse(root: Path, torchvision_class: str, reusable: list[str]) -> Provisioned | None:
+    if not (root / torchvision_class / PROFILE_FILE).exists():
         return None
-    found, record = _read_record(root)
-    if found.torchvision_class != _CLASS[dataset]:
-        # One profile file per root: mixing datasets would make the recorded profile a lie for one.
-        raise ValueError(f"{root} holds the {found.profile} profile; use a separate root for {dataset}")
-    if found.profile not in reusable:
-        return None
-    raw = root / found.torchvision_class / "raw"
+    raw = root / torchvision_class / "raw"
     try:
+        found = _read_record(root, torchvision_class)
+        if found.profile not in reusable:
+            return None
         arrays = {name: read_idx(raw / name, kind) for name, kind in RAW_FILES.items()}
         sizes = _check_sizes(arrays, str(raw))
-        mismatched = [n for n in RAW_FILES if record["sha256"].get(n) != _sha256(raw / n)]
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        log.warning("%s: provisioned files are damaged (%s); rebuilding", root, exc)
+        mismatched = [n for n in RAW_FILES if found.sha256[n] != _sha256(raw / n)]
+    except (OSError, ValueError) as exc:
+        log.warning("%s: provisioned files are damaged (%s); rebuilding", raw.parent, exc)
         return None
     if mismatched or sizes != (found.train_size, found.test_size):
-        log.warning("%s: files changed since provisioning (%s); rebuilding", root, ", ".join(mismatched) or "sizes")
+        log.warning("%s: files changed since provisioning (%s); rebuilding", raw.parent,
+                    ", ".join(mismatched) or "sizes")
         return None
-    _make_readable(root, found.torchvision_class)
+    _make_readable(root, torchvision_class)
     return found
 
 
@@ -390,7 +431,10 @@ def _sample(pixels: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 def _install(root: Path, profile: str, torchvision_class: str, source: str, arrays: dict[str, np.ndarray]) -> Provisioned:
     raw = root / torchvision_class / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    # The profile file marks a complete root, so it goes first when rebuilding and last when done.
+    record_path = root / torchvision_class / PROFILE_FILE
+    # The record marks a complete dataset, so it goes first when rebuilding and last when done.
+    record_path.unlink(missing_ok=True)
+    # Before datasets shared a root its record sat at the top, describing the root as one dataset.
     (root / PROFILE_FILE).unlink(missing_ok=True)
     hashes = {}
     for name, array in arrays.items():
@@ -399,7 +443,8 @@ def _install(root: Path, profile: str, torchvision_class: str, source: str, arra
             raise OSError(f"{raw / name}: reads back different from what was written")
         hashes[name] = _sha256(raw / name)
     train_size, test_size = _check_sizes(arrays, str(raw))
-    result = Provisioned(profile, torchvision_class, root, source, train_size, test_size, profile == "mnist-sample")
+    result = Provisioned(profile, torchvision_class, root, source, train_size, test_size, profile == "mnist-sample",
+                         hashes)
     record = {
         "format": _PROFILE_FORMAT,
         "profile": profile,
@@ -410,11 +455,11 @@ def _install(root: Path, profile: str, torchvision_class: str, source: str, arra
         "is_sample": result.is_sample,
         "sha256": hashes,
     }
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{PROFILE_FILE}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=record_path.parent, prefix=f".{PROFILE_FILE}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=2)
         fh.write("\n")
-    os.replace(tmp, root / PROFILE_FILE)
+    os.replace(tmp, record_path)
     _make_readable(root, torchvision_class)
     return result
 
@@ -425,5 +470,5 @@ def _make_readable(root: Path, torchvision_class: str) -> None:
     raw = root / torchvision_class / "raw"
     for directory in (root, raw.parent, raw):
         directory.chmod(0o755)
-    for path in [root / PROFILE_FILE, *(raw / name for name in RAW_FILES)]:
+    for path in [raw.parent / PROFILE_FILE, *(raw / name for name in RAW_FILES)]:
         path.chmod(0o644)

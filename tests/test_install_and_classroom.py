@@ -13,6 +13,7 @@ import shutil
 import site
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -78,34 +79,123 @@ def test_installed_commands_work_offline(installed, tmp_path):
     assert str(venv) in where[0] and where[1] == "True"
 
 
-def _workflow_steps() -> list[str]:
-    workflow = yaml.safe_load(WORKFLOW.read_text())
-    return [step["run"] for step in workflow["jobs"]["grade"]["steps"] if "run" in step]
+def _workflow() -> dict:
+    return yaml.safe_load(WORKFLOW.read_text())
 
 
-@pytest.mark.parametrize("example, passes", [("correct.ipynb", True), ("mistake_history_keys.ipynb", False)])
-def test_classroom_workflow_steps(example, passes, installed, wheel, tmp_path):
+def _cached_paths(home: Path) -> list[Path]:
+    """What the workflow's cache steps restore and save, on a runner whose home is ``home``."""
+    steps = _workflow()["jobs"]["grade"]["steps"]
+    restore, save = ([s["with"]["path"] for s in steps if s.get("uses", "").startswith(f"actions/cache/{a}@")]
+                     for a in ("restore", "save"))
+    assert len(restore) == len(save) == 1 and restore == save
+    return [home / line.removeprefix("~/") for line in restore[0].split()]
+
+
+@dataclass
+class WorkflowRun:
+    outputs: dict[str, subprocess.CompletedProcess[str]]  # by step name, for the steps that ran
+    summary: str
+    cache_key: str
+
+
+def _run_workflow(repo: Path, env: dict[str, str]) -> WorkflowRun:
+    """The workflow's `run` steps in order, as a runner runs them: bash -eo pipefail, a step after
+    a failed one only when it says `if: always()`. The `uses` steps are GitHub's own actions: the
+    checkout is ``repo``, setup-python is this Python, and the cache is the runner's home kept
+    between runs with only the cached paths in it (see the test)."""
+    summary, output, github_env = repo / "summary.md", repo / "github-output.txt", repo / "github-env.txt"
+    env = {**env, "GITHUB_STEP_SUMMARY": str(summary), "GITHUB_OUTPUT": str(output), "GITHUB_ENV": str(github_env)}
+    outputs: dict[str, subprocess.CompletedProcess[str]] = {}
+    failed = False
+    for step in _workflow()["jobs"]["grade"]["steps"]:
+        if "run" not in step or (failed and step.get("if") != "always()"):
+            continue
+        # pip may ask the index about a dependency even when it is satisfied; the rest runs offline.
+        offline = [] if step["name"] == "Install labgrader" else _offline()
+        done = subprocess.run(offline + ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        outputs[step["name"]] = done
+        failed = failed or done.returncode != 0
+        if github_env.exists():  # what a step appends there, the later steps see
+            env.update(line.split("=", 1) for line in github_env.read_text().splitlines())
+    keyed = outputs.get("Key the cache by what it holds")
+    assert keyed is not None and keyed.returncode == 0, {name: done.stdout + done.stderr for name, done in outputs.items()}
+    key = dict(line.split("=", 1) for line in output.read_text().splitlines())["key"]
+    return WorkflowRun(outputs, summary.read_text() if summary.exists() else "", key)
+
+
+def _student_repo(where: Path, notebook: str) -> Path:
+    """A fresh checkout of a student's repository, holding their notebook as lab.ipynb."""
+    where.mkdir()
+    shutil.copy(resources.EXAMPLES_DIR / notebook, where / "lab.ipynb")
+    _fresh_venv(where / ".labgrader-venv")  # the install step reuses it: torch comes through its .pth
+    return where
+
+
+def test_classroom_workflow_on_full_mnist(installed, wheel, tmp_path):
+    """Two pushes to a student's repository, on a runner whose cache is restored between them, and
+    one to another course's repository that pins a spec.
+
+    The data comes through LABGRADER_DATA_DIR (IDX files in MNIST's layout, 60000/10000, written
+    here) instead of torchvision's download, and TORCH_INDEX_URL is emptied because the CPU wheel
+    index can't be reached offline; every step after the install runs without a network
+    (`unshare -n`). Neither the download nor the CPU wheels are exercised here."""
+    from test_full_mnist import write_mnist_like
+
     venv, env = installed
-    student_repo = tmp_path / "repo"
-    student_repo.mkdir()
-    shutil.copy(resources.EXAMPLES_DIR / example, student_repo / "lab.ipynb")
-    _fresh_venv(student_repo / ".labgrader-venv")  # the workflow's first step reuses it
-    workflow_env = yaml.safe_load(WORKFLOW.read_text())["env"]
-    summary = tmp_path / "summary.md"
-    env = {**env, **workflow_env, "LABGRADER": str(wheel), "PYTHON": sys.executable,
-           "GITHUB_STEP_SUMMARY": str(summary)}
-    *setup, check = _workflow_steps()
-    for step in setup:
-        done = subprocess.run(["bash", "-e", "-c", step], cwd=student_repo, env=env, capture_output=True,
-                              text=True, timeout=900)
-        assert done.returncode == 0, f"step failed: {step}\n{done.stdout}\n{done.stderr}"
-    checked = subprocess.run(["bash", "-e", "-c", check], cwd=student_repo, env=env, capture_output=True,
-                             text=True, timeout=900)
-    assert (checked.returncode == 0) is passes, checked.stdout + checked.stderr
-    assert (student_repo / "labgrader-report" / "lab" / "report.html").is_file()
-    shown = summary.read_text()
-    assert ("score 23.5/23.5" in shown) is passes
-    if not passes:
-        assert "FAIL" in shown and "train_history" not in shown  # titles, not internal names
-    result = json.loads((student_repo / "labgrader-report" / "lab" / "result.json").read_text())
-    assert result["status"] == "graded"
+    home = tmp_path / "runner-home"
+    home.mkdir()
+    env = {key: value for key, value in env.items() if key not in ("LABGRADER_HOME", "XDG_CACHE_HOME")}
+    env.update(_workflow()["env"])
+    env.update(HOME=str(home), LABGRADER=str(wheel), PYTHON=sys.executable, TORCH_INDEX_URL="",
+               LABGRADER_DATA_DIR=str(write_mnist_like(tmp_path / "mnist-files", seed=0)))
+    cached = _cached_paths(home)
+
+    def push(name: str, notebook: str, pinned: Path | None = None) -> tuple[Path, WorkflowRun]:
+        repo = _student_repo(tmp_path / name, notebook)
+        more = {}
+        if pinned is not None:  # another course: a spec in its template repository, nothing cached yet
+            shutil.copy(pinned, repo / "labgrader-spec.json")
+            more["LABGRADER_SPEC"] = "labgrader-spec.json"
+            shutil.rmtree(home / ".cache" / "labgrader")
+        done = _run_workflow(repo, {**env, **more})
+        # The next run starts on a fresh runner with only what the cache saved.
+        for path in (home / ".cache" / "labgrader").iterdir():
+            if path not in cached:
+                shutil.rmtree(path)
+        return repo, done
+
+    # First push: MNIST provisioned, the spec derived, a correct notebook passes with full points.
+    repo, first = push("first", "correct.ipynb")
+    check = first.outputs["Check the notebook"]
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "deriving it by running the reference" in check.stdout
+    assert all(path.is_dir() and any(path.iterdir()) for path in cached)  # the data and the spec are cached
+    [spec_file] = (home / ".cache/labgrader/specs").glob("mnist-*.json")
+    result = json.loads((repo / "labgrader-report" / "lab" / "result.json").read_text())
+    assert (result["status"], result["data_profile"], result["spec_source"]) == (
+        "graded", "mnist", f"derived ({spec_file})")
+    full_marks = f"{result['max_score']:g}/{result['max_score']:g}"
+    assert result["score"] == result["max_score"]
+    assert f"### labgrader: {full_marks} points" in first.summary and "PASS" in first.summary
+    assert (repo / "labgrader-report" / "lab" / "report.html").is_file()
+
+    # Second push, cache restored: nothing derived again; a failing check fails the run.
+    repo, second = push("second", "mistake_history_keys.ipynb")
+    check = second.outputs["Check the notebook"]
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "deriv" not in check.stdout
+    assert "### labgrader: " in second.summary and full_marks not in second.summary
+    assert "FAIL" in second.summary and "train_history" not in second.summary  # titles, not internal names
+    assert second.cache_key == first.cache_key  # nothing new to save
+    assert set(second.outputs) == {"Install labgrader", "Provision MNIST", "Check the notebook",
+                                   "Key the cache by what it holds"}
+
+    # Another course pinned a spec in its repository, made from other data: refused, and said so.
+    repo, third = push("third", "correct.ipynb", pinned=spec.path_for("mnist-sample"))
+    check = third.outputs["Check the notebook"]
+    assert check.returncode == 2
+    assert not (home / ".cache" / "labgrader" / "specs").exists()  # nothing derived: the cache key still works
+    assert "labgrader: labgrader-spec.json was not made from the mnist data" in check.stdout
+    assert "### labgrader: no score points" in third.summary and "made on the mnist-sample profile" in third.summary

@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _hashes(p: prov.Provisioned) -> dict[str, str]:
-    return json.loads((p.root / prov.PROFILE_FILE).read_text())["sha256"]
+    recorded = json.loads((p.root / p.torchvision_class / prov.PROFILE_FILE).read_text())["sha256"]
+    assert recorded == p.sha256
+    return recorded
 
 
 def _raw(p: prov.Provisioned, name: str) -> np.ndarray:
@@ -180,7 +182,7 @@ def test_data_dir_from_env_var_uncompressed(fashion_root: prov.Provisioned, tmp_
     monkeypatch.setenv("LABGRADER_DATA_DIR", str(data_dir))
     monkeypatch.setenv("LABGRADER_HOME", str(tmp_path / "home"))
     p = prov.provision("fashion-mnist", allow_download=False)
-    assert p.root == tmp_path / "home" / "data" / "fashion-mnist" == prov.default_root("fashion-mnist")
+    assert p.root == tmp_path / "home" / "datasets" == prov.default_root()
     assert p.source == f"data dir {data_dir}"
     assert _hashes(p) == _hashes(fashion_root)
 
@@ -214,24 +216,110 @@ def test_reuse_validates_and_rebuilds_a_damaged_root(fashion_root: prov.Provisio
     assert prov._sha256(labels) == _hashes(p)["t10k-labels-idx1-ubyte"]
 
 
-def test_a_root_holds_one_dataset(fashion_root: prov.Provisioned) -> None:
-    with pytest.raises(ValueError, match="holds the fashion-mnist profile; use a separate root for mnist"):
-        prov.provision("mnist", root=fashion_root.root, allow_download=False)
+def test_datasets_share_a_root_as_in_torchvision(mnist_sample_root: prov.Provisioned,
+                                                 fashion_root: prov.Provisioned, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from grader import cli
+
+    root = tmp_path / "data"
+    shutil.copytree(mnist_sample_root.root, root)
+    before = _hashes(prov.read_profile(root, "mnist"))
+    # What an instructor types: the root already holds the MNIST sample, and Fashion-MNIST is added.
+    assert cli.main(["data", "--dataset", "fashion-mnist", "--root", str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"fashion-mnist: 60000 training / 10000 test images at {root}")
+    assert f"also provisioned in {root}: mnist-sample" in printed
+    assert sorted(p.name for p in root.iterdir()) == ["FashionMNIST", "MNIST"]
+    assert [(p.profile, p.torchvision_class) for p in prov.datasets_in(root)] == [
+        ("mnist-sample", "MNIST"), ("fashion-mnist", "FashionMNIST")]
+    assert _hashes(prov.read_profile(root, "mnist")) == before  # left as it was
+    assert _hashes(prov.read_profile(root, "fashion-mnist")) == _hashes(fashion_root)
+    # Both are reused from the shared root afterwards, neither rebuilt.
+    assert prov.provision("mnist", root=root, allow_download=False) == prov.read_profile(root, "mnist")
+    with pytest.raises(ValueError, match=f"{root} holds mnist-sample, fashion-mnist; name the dataset"):
+        prov.read_profile(root)
+    # One root mounted at ./data gives a notebook every dataset provisioned in it, offline.
+    result = _run_offline(f"""
+        import torchvision
+        for name in ("MNIST", "FashionMNIST"):
+            print(name, len(getattr(torchvision.datasets, name)({str(root)!r}, train=False, download=True)))
+    """)
+    assert result.stdout.splitlines() == ["MNIST 1000", "FashionMNIST 10000"]
+
+
+def test_full_mnist_replaces_the_sample_in_a_shared_root(mnist_sample_root: prov.Provisioned, tmp_path: Path) -> None:
+    from test_full_mnist import write_mnist_like
+
+    root = tmp_path / "data"
+    shutil.copytree(mnist_sample_root.root, root)
+    (root / prov.PROFILE_FILE).write_text('{"format": 1, "profile": "mnist-sample"}')  # an older labgrader's record
+    full = prov.provision("mnist", root=root, data_dir=write_mnist_like(tmp_path / "idx", seed=0),
+                          allow_download=False)
+    assert (full.profile, full.train_size, full.is_sample) == ("mnist", 60000, False)
+    assert prov.datasets_in(root) == [full]
+    assert not (root / prov.PROFILE_FILE).exists()  # it described the whole root as one dataset
+    # Without a data dir, what is there is reused: the full dataset, not a fresh sample.
+    assert prov.provision("mnist", root=root, allow_download=False) == full
+    # Naming other files replaces it; naming the same files again rewrites nothing.
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "idx", other)
+    labels = read_idx(other / "t10k-labels-idx1-ubyte")
+    labels[0] = (labels[0] + 1) % 10
+    write_idx(other / "t10k-labels-idx1-ubyte", labels)
+    changed = prov.provision("mnist", root=root, data_dir=other, allow_download=False)
+    differs = [name for name in prov.RAW_FILES if changed.sha256[name] != full.sha256[name]]
+    assert differs == ["t10k-labels-idx1-ubyte"] and changed.source == f"data dir {other}"
+    written = (root / "MNIST" / "raw" / "train-images-idx3-ubyte").stat().st_mtime_ns
+    assert prov.provision("mnist", root=root, data_dir=other, allow_download=False) == changed
+    assert (root / "MNIST" / "raw" / "train-images-idx3-ubyte").stat().st_mtime_ns == written
+
+
+def test_a_damaged_record_is_rebuilt(mnist_sample_root: prov.Provisioned, tmp_path: Path,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(mnist_sample_root.root, root)
+    (root / "MNIST" / prov.PROFILE_FILE).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="reference.provision"):
+        again = prov.provision("mnist", root=root, allow_download=False)
+    assert "not a valid labgrader profile" in caplog.text and "rebuilding" in caplog.text
+    assert _hashes(again) == _hashes(mnist_sample_root)
+
+
+def test_user_errors_of_labgrader_data_are_one_line(mnist_sample_root: prov.Provisioned, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from grader import cli
+
+    sample_dir = mnist_sample_root.root / "MNIST" / "raw"
+    unwritable = tmp_path / "file"
+    unwritable.write_text("not a directory")
+    for args, says in [
+        (["--root", str(tmp_path / "r1"), "--data-dir", str(sample_dir)], "holds 4000 training and 1000 test images; full MNIST has 60000"),
+        (["--root", str(tmp_path / "r2"), "--data-dir", str(tmp_path / "nothing")], "does not hold MNIST: missing train-images-idx3-ubyte[.gz]"),
+        (["--root", str(unwritable / "root")], "cannot provision mnist: [Errno 20] Not a directory"),
+    ]:
+        assert cli.main(["data", "--dataset", "mnist", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("labgrader: ") and says in err and "Traceback" not in err
 
 
 def test_read_profile_of_an_unprovisioned_root(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no labgrader profile here"):
         prov.read_profile(tmp_path)
+    with pytest.raises(FileNotFoundError, match="FashionMNIST is not provisioned in"):
+        prov.read_profile(tmp_path, "fashion-mnist")
 
 
 def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("LABGRADER_HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert prov.default_root("mnist-sample") == tmp_path / ".cache" / "labgrader" / "data" / "mnist-sample"
+    assert prov.default_root() == tmp_path / ".cache" / "labgrader" / "datasets"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # invalid by the XDG spec: ignored
+    assert prov.default_root() == tmp_path / ".cache" / "labgrader" / "datasets"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert prov.cache_home() == tmp_path / "xdg" / "labgrader"
     monkeypatch.setenv("LABGRADER_HOME", str(tmp_path / "lg"))
-    assert prov.default_root("mnist") == tmp_path / "lg" / "data" / "mnist"
-    with pytest.raises(ValueError, match="unknown profile 'emnist'"):
-        prov.default_root("emnist")
+    assert prov.default_root() == tmp_path / "lg" / "datasets"
 
 
 # --- malformed IDX files -----------------------------------------------------------------------------
@@ -302,7 +390,7 @@ def test_truncated_file_in_a_data_dir(tmp_path: Path, monkeypatch: pytest.Monkey
     bad.write_bytes(gzip.compress(gzip.decompress(bad.read_bytes())[:5000]))
     with pytest.raises(IdxError, match=rf"^{bad}: truncated: the header declares 10,000 images of 28x28 pixels"):
         prov.provision("fashion-mnist", root=tmp_path / "root", data_dir=tmp_path, allow_download=False)
-    assert not (tmp_path / "root" / prov.PROFILE_FILE).exists()
+    assert not (tmp_path / "root" / "FashionMNIST" / prov.PROFILE_FILE).exists()
 
 
 # --- nothing available -------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """The reference implementation: dataset facts, the model, training semantics, determinism, specs."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -151,3 +154,49 @@ def test_spec_differences_tolerate_cpu_rounding_only():
 def test_spec_load_reports_a_missing_profile(tmp_path):
     with pytest.raises(FileNotFoundError, match="no spec for data profile 'nope'"):
         spec.load("nope", tmp_path / "nope.json")
+
+
+def test_committed_specs_record_the_data_they_were_made_from(mnist_sample_root):
+    found = spec.committed(mnist_sample_root)
+    assert found is not None and found.source == "committed"
+    assert found.content["data_sha256"] == mnist_sample_root.sha256
+    assert found.version == spec.load("mnist-sample").version
+    other = dataclasses.replace(mnist_sample_root, sha256={**mnist_sample_root.sha256,
+                                                           "train-labels-idx1-ubyte": "0" * 64})
+    assert spec.committed(other) is None  # other files: derived instead
+    assert spec.data_differences(found.content, other) == ["train-labels-idx1-ubyte (the training labels) differs"]
+
+
+def test_derived_specs_are_cached_by_data_and_build(mnist_sample_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("LABGRADER_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = spec.cache_path(mnist_sample_root)
+    assert path.parent == tmp_path / "labgrader" / "specs" and path.name.startswith("mnist-sample-")
+    assert spec.cache_path(dataclasses.replace(mnist_sample_root, root=tmp_path / "elsewhere")) == path
+    other = dataclasses.replace(mnist_sample_root, sha256={**mnist_sample_root.sha256, "t10k-images-idx3-ubyte": "0" * 64})
+    assert spec.cache_path(other) != path
+    from importlib import metadata
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0+other" if name == "torch" else real(name))
+    assert spec.cache_path(mnist_sample_root) != path
+    monkeypatch.setattr(metadata, "version", real)
+    assert spec.cached(mnist_sample_root) is None
+    path.parent.mkdir(parents=True)
+    path.write_text("{truncated")  # damaged: treated as absent, derived again
+    assert spec.cached(mnist_sample_root) is None
+    shutil.copy(spec.path_for("mnist-sample"), path)
+    assert spec.cached(mnist_sample_root).source == f"derived ({path})"
+
+
+def test_pinned_specs_that_cannot_be_checked_are_refused(mnist_sample_root, tmp_path):
+    old = json.loads(spec.path_for("mnist-sample").read_text())
+    del old["data_sha256"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "broken.json").write_text("{")
+    for name, says in [("old.json", "it records no data hashes (made by an older labgrader)"),
+                       ("broken.json", "not a spec (invalid JSON"),
+                       ("missing.json", "cannot read the spec: No such file or directory")]:
+        with pytest.raises(spec.SpecError, match=re.escape(says)):
+            spec.pinned(tmp_path / name, mnist_sample_root)
+    assert spec.pinned(spec.path_for("mnist-sample"), mnist_sample_root).source == (
+        f"pinned ({spec.path_for('mnist-sample')})")
