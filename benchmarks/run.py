@@ -244,7 +244,7 @@ def regrade_in_process(subs: Path, out: Path, root: Path, rubric_path: Path) -> 
     text = rubric_path.read_text().replace("points = 3", "points = 4", 1)
     again = rubric_path.with_name("rubric-changed-again.toml")
     again.write_text(text)
-    provisioned = provision.read_profile(root)
+    provisioned = provision.read_profile(root, "fashion-mnist")
     config = pipeline.Config(provisioned=provisioned, spec=spec.load(provisioned.profile),
                              rubric=score.load_rubric(again), runs_dir=(out / ".runs").resolve(),
                              hide=(subs.resolve(),))
@@ -263,7 +263,7 @@ def start_up(root: Path, runs: Path) -> dict[str, float]:
         "from grader import batch, cli, pipeline, resources, score\n"
         "from reference import provision, spec\n"
         "imported = time.monotonic()\n"
-        f"provisioned = provision.read_profile({str(root)!r})\n"
+        f"provisioned = provision.read_profile({str(root)!r}, 'fashion-mnist')\n"
         "config = pipeline.Config(provisioned=provisioned, spec=spec.load(provisioned.profile),\n"
         f"                         rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir={str(runs)!r})\n"
         "configured = time.monotonic()\n"
@@ -339,7 +339,7 @@ def breakdown(work: Path, root: Path) -> None:
     ]
     execute._run_code = timed_run_code
     try:
-        provisioned = provision.read_profile(root)
+        provisioned = provision.read_profile(root, "fashion-mnist")
         directory = work / "breakdown"
         directory.mkdir()
         config = pipeline.Config(provisioned=provisioned, spec=spec.load(provisioned.profile),
