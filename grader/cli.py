@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"labgrader: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a path that can't be written or read: the OS's words are the reason
+        print(f"labgrader: {error}", file=sys.stderr)
+        return 1
 
 
 class UserError(Exception):
@@ -60,6 +63,20 @@ def _parser() -> argparse.ArgumentParser:
     assign.add_argument("--student", type=Path, help="default: lab/student.ipynb")
     _grading_options(assign)
     assign.set_defaults(command=_assign)
+
+    gradescope = commands.add_parser("gradescope", help="write the autograder zip of a Gradescope programming "
+                                     "assignment; inside it, --run grades a submission")
+    gradescope.add_argument("--out", type=Path, default=Path("autograder.zip"), help="the zip to write")
+    gradescope.add_argument("--wheel", type=Path, help="the labgrader wheel to put in the zip (default: built "
+                            "from this checkout)")
+    gradescope.add_argument("--run", type=Path, metavar="ROOT", help="grade ROOT/submission into ROOT/results, "
+                            "as Gradescope lays them out (what the zip's run_autograder does)")
+    _grading_options(gradescope)
+    gradescope.set_defaults(command=_gradescope)
+
+    doctor = commands.add_parser("doctor", help="say which sandbox this machine gives student notebooks; "
+                                 "exit 0 only if it is bubblewrap")
+    doctor.set_defaults(command=_doctor)
     return parser
 
 
@@ -73,6 +90,8 @@ def _dataset_options(parser: argparse.ArgumentParser) -> None:
 def _grading_options(parser: argparse.ArgumentParser) -> None:
     _dataset_options(parser)
     parser.add_argument("--rubric", type=Path, help="rubric TOML (default: lab/rubric.toml)")
+    parser.add_argument("--spec", type=Path, help="grade against this spec (made with `labgrader reference "
+                        "--out`) instead of the committed or derived one; refused unless made from this data")
     parser.add_argument("--no-fast-data", dest="fast_data", action="store_false",
                         help="serve dataset items through torchvision's stock PIL path")
     parser.add_argument("--isolation", choices=("auto", "bubblewrap", "subprocess"), default="auto")
@@ -86,8 +105,10 @@ def _provision(args: argparse.Namespace):
 
     try:
         return provision.provision(args.dataset, root=args.root, data_dir=args.data_dir)
-    except (provision.DatasetUnavailable, idx.IdxError) as error:
+    except (provision.DatasetUnavailable, idx.IdxError, ValueError) as error:
         raise UserError(str(error)) from None
+    except OSError as error:  # an unwritable root, a full disk: the user's to fix, not a traceback
+        raise UserError(f"cannot provision {args.dataset}: {error}") from None
 
 
 def _describe(provisioned) -> str:
@@ -97,7 +118,13 @@ def _describe(provisioned) -> str:
 
 
 def _data(args: argparse.Namespace) -> int:
-    print(_describe(_provision(args)))
+    from reference import provision
+
+    provisioned = _provision(args)
+    print(_describe(provisioned))
+    others = [p.profile for p in provision.datasets_in(provisioned.root) if p != provisioned]
+    if others:
+        print(f"also provisioned in {provisioned.root}: {', '.join(others)}")
     return 0
 
 
@@ -105,11 +132,20 @@ def _reference(args: argparse.Namespace) -> int:
     from reference import spec
 
     provisioned = _provision(args)
-    print(f"running the reference on {_describe(provisioned)}")
-    content = spec.generate(provisioned)
-    path = args.out or spec.path_for(provisioned.profile)
-    previous = json.loads(path.read_text()) if path.is_file() else None
-    spec.write(content, path)
+    # Without --out: the committed spec of an offline profile, else the cache grading derives into.
+    path = args.out or (spec.path_for(provisioned.profile) if spec.path_for(provisioned.profile).is_file()
+                        else spec.cache_path(provisioned))
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} exists and is not a spec ({error}); name another --out") from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # fails now rather than after the training
+        print(f"running the reference on {_describe(provisioned)}")
+        content = spec.generate(provisioned)
+        spec.write(content, path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot make {path}: {error}") from None
     content = json.loads(spec.dumps(content))  # as written: lists, not tuples
     if previous is None:
         change = "new"
@@ -133,12 +169,12 @@ def _threads(wanted: int, jobs: int) -> int:
 
 def _config(args: argparse.Namespace, out: Path, jobs: int = 1, runs_dir: Path | None = None):
     from grader import batch, pipeline, resources, score
-    from reference import spec
 
+    _require_isolation(args.isolation)
     provisioned = _provision(args)
     try:
         rubric = score.load_rubric(args.rubric or resources.RUBRIC_PATH)
-        loaded_spec = spec.load(provisioned.profile)
+        loaded_spec = _spec(args, provisioned)
     except (OSError, ValueError) as error:
         raise UserError(str(error)) from None
     hide = tuple(p.resolve() for p in getattr(args, "paths", ()))  # other students' submissions
@@ -152,7 +188,7 @@ def _grade(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise UserError("--jobs must be at least 1")
-    submissions = intake.collect(args.paths)
+    submissions = intake.collect(args.paths, reserved=batch.class_files())
     if not submissions:
         raise UserError(f"no notebooks found in {', '.join(map(str, args.paths))}")
     config = _config(args, args.out, args.jobs)
@@ -173,8 +209,9 @@ def _grade(args: argparse.Namespace) -> int:
 def _check_runs_dir(out: Path) -> Path:
     import hashlib
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "labgrader" / "check-runs" / hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    from reference import provision
+
+    return provision.cache_home() / "check-runs" / hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -228,6 +265,36 @@ def _assign(args: argparse.Namespace) -> int:
     except assign.AssignError as error:
         raise UserError(str(error)) from None
     print(f"wrote {student}")
+    return 0
+
+
+def _gradescope(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from grader import gradescope, pipeline, resources, score
+
+    if args.run is not None:
+        # The kept run holds hidden checks' messages: it stays out of the results folder.
+        with tempfile.TemporaryDirectory(prefix="labgrader-runs-") as runs:
+            config = _config(args, args.run / "results", runs_dir=Path(runs))
+            result = gradescope.run(args.run, lambda submission: pipeline.grade(submission, config))
+        shown = f"{result.score:g}/{result.max_score:g}" if result.status == "graded" else f"error: {result.reason}"
+        print(f"{result.submission_id}: {shown}")  # Gradescope shows stdout to instructors only
+        for check in result.checks:
+            print(f"  {check.status:<7} {check.points:g}/{check.max_points:g}  {check.name}")
+        return 0
+    provisioned = _provision(args)
+    rubric = args.rubric or resources.RUBRIC_PATH
+    try:
+        score.load_rubric(rubric)
+        loaded = _spec(args, provisioned)
+        written = gradescope.build(args.out, provisioned=provisioned, dataset=args.dataset, spec=loaded,
+                                   rubric=rubric, wheel=args.wheel)
+    except (OSError, ValueError, gradescope.BuildError) as error:
+        raise UserError(str(error)) from None
+    print(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB; {_describe(provisioned)}, spec "
+          f"{loaded.version}): upload it as the autograder of a Gradescope programming assignment "
+          "(Ubuntu 22.04 or 24.04 base image)")
     return 0
 
 

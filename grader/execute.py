@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import nbformat
 
-from grader import sandbox
+from grader import cgroups, sandbox
 from grader.results import CellRun, Execution
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 INTERRUPT_GRACE = 5.0  # seconds a timed-out cell gets to stop after the interrupt
 STARTUP_TIMEOUT = 60.0  # seconds for the kernel to start and answer
 WATCHDOG_SLACK = 20.0  # beyond the cell timeout + grace: the executor itself must be stuck
+BWRAP_EXIT_WAIT = 5.0  # seconds bwrap gets to reap its killed sandbox and exit before it is killed too
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 _NETWORK = re.compile(
     r"Network is unreachable|Temporary failure in name resolution|Name or service not known|"
@@ -56,15 +57,19 @@ _NETWORK = re.compile(
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits for one notebook. Memory is *virtual* address space per process
+    """Resource limits for one notebook. ``memory_bytes`` is *virtual* address space per process
     (RLIMIT_AS): importing torch + torchvision + matplotlib and a small CNN training peaks near
-    3.4 GiB virtual (0.95 GiB resident) on this build, so 6 GiB leaves margin without letting one
-    notebook take the machine. ``processes`` is RLIMIT_NPROC, which counts threads too (an idle
-    ipykernel has about 10; with torch about 15)."""
+    3.4 GiB virtual (0.95 GiB resident) on this build, so 6 GiB leaves margin. Per process, it does
+    not stop a notebook of many processes, nor files in tmpfs: where a resource box can be made
+    (:mod:`grader.cgroups`), ``box_memory_bytes`` caps the resident memory of all the kernel's
+    processes together, its tmpfs files included (``/tmp``, ``/dev/shm`` and a tmpfs work dir:
+    3 x ``tmp_bytes`` at most), and ``processes`` its tasks. ``processes`` is also RLIMIT_NPROC,
+    which counts threads too (an idle ipykernel has about 10; with torch about 15)."""
 
     cell_timeout: float = 300
     notebook_timeout: float = 1800
     memory_bytes: int = 6 << 30
+    box_memory_bytes: int = 4 << 30
     processes: int = 256
     file_size_bytes: int = 256 << 20
     tmp_bytes: int = 512 << 20
@@ -88,15 +93,24 @@ def _first_line(source: str) -> str:
     return ""
 
 
-def _size(obj: Any) -> int:
-    """Bytes an output message adds (strings counted by length; bounded recursion)."""
-    if isinstance(obj, str):
-        return len(obj)
-    if isinstance(obj, dict):
-        return sum(len(str(k)) + _size(v) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return sum(_size(v) for v in obj)
-    return 8
+def _size(msg: dict[str, Any]) -> int:
+    """Bytes a kernel message adds: its content's strings by length, anything else 8, and its binary
+    buffers (widgets send data there). A loop, not recursion: the kernel can send content nested
+    as deep as the JSON parser allows, which is deeper than the rest of the stack leaves room for."""
+    total = sum(memoryview(buffer).nbytes for buffer in msg.get("buffers") or ())
+    pending = [msg["content"]]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += sum(len(str(key)) for key in item)
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        else:
+            total += 8
+    return total
 
 
 def _exit_reason(code: int | None) -> str:
@@ -198,22 +212,30 @@ def _make_client_class():
 
         # -- output cap -------------------------------------------------------------------
         def process_message(self, msg, cell, cell_index):
+            msg_type = msg["msg_type"]
             if self.output_truncated:
-                if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                if msg_type == "status" and msg["content"].get("execution_state") == "idle":
                     raise CellExecutionComplete()
                 return None
-            if msg["msg_type"] in ("stream", "display_data", "execute_result", "error",
-                                   "update_display_data"):
-                size = _size(msg["content"])
+            # Every message counts but the kernel's busy/idle and its echo of the cell's own
+            # source: comm (widget) messages too, which carry no output but cost as much.
+            if msg_type not in ("status", "execute_input"):
+                size = _size(msg)
                 if self.output_seen + size > self.output_cap:
                     room = max(0, self.output_cap - self.output_seen)
-                    if msg["msg_type"] == "stream" and room:
-                        msg["content"]["text"] = msg["content"]["text"][:room]
+                    text = msg["content"].get("text")
+                    if msg_type == "stream" and room and isinstance(text, str):
+                        msg["content"]["text"] = text[:room]
                         super().process_message(msg, cell, cell_index)
                     self.output_seen = self.output_cap
                     self.truncate(cell)
                     raise CellExecutionComplete()
                 self.output_seen += size
+            if msg_type.startswith("comm"):
+                # Not passed on: nbclient would keep every widget's state for the notebook's
+                # metadata (160 MB of it grew the grader by as much) and mimic a front end's
+                # Output widget; the grader needs neither.
+                return None
             return super().process_message(msg, cell, cell_index)
 
         def truncate(self, cell):
@@ -248,10 +270,20 @@ def _make_client_class():
     return GradingClient
 
 
-def _kill_group(km, uid: int | None) -> None:
-    """SIGKILL the kernel's process group (bwrap: the whole pid namespace goes with it)."""
+def _kill_group(km, uid: int | None, sandboxed: bool) -> None:
+    """SIGKILL the kernel. Under bwrap, the sandbox's first process, bwrap's child: the whole pid
+    namespace goes with it, and bwrap outside reaps it and exits by itself. (Killed first, bwrap
+    would leave that process to init, a zombie of the job's uid until init reaps it: 2 s on these
+    machines, never in a container whose init is the grader.) Otherwise, or while bwrap has no child
+    yet, the kernel's process group and, without a pid namespace, what runs as the job's uid."""
     proc = getattr(getattr(km, "provisioner", None), "process", None)
     if proc is None:
+        return
+    inside = _children(proc.pid) if sandboxed else []
+    for pid in inside:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if inside:
         return
     with contextlib.suppress(OSError):
         os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
@@ -264,6 +296,23 @@ def _kill_group(km, uid: int | None) -> None:
                 with contextlib.suppress(OSError):
                     if os.stat(f"/proc/{pid}").st_uid == uid:
                         os.kill(int(pid), signal.SIGKILL)
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(stat.parent.name))
+    return found
+
+
+async def _exited(km, seconds: float) -> None:
+    """Wait (without blocking the loop) until the kernel's process has ended, at most ``seconds``."""
+    proc = getattr(getattr(km, "provisioner", None), "process", None)
+    deadline = time.monotonic() + seconds
+    while proc is not None and proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 def _returncode(km) -> int | None:
@@ -314,7 +363,9 @@ class Sandboxing:
     """How every kernel of a process is confined: the same for each notebook it runs.
 
     ``hide``: host paths the kernel must not see, besides the ``grader``/``reference`` packages and
-    the checkout holding them. It must cover where runs are recorded: a kernel started ahead does
+    the checkout holding them. The bubblewrap sandbox shows nothing of the host but what the kernel
+    needs, so these are covered where they fall inside what it binds (the dataset root, the
+    interpreter's directories). It must cover where runs are recorded: a kernel started ahead does
     not know yet which notebook, and so which record directory, it will get.
     ``uid``: the job's unprivileged uid (one per concurrent job: RLIMIT_NPROC counts per uid).
     ``isolation``: ``auto`` (bubblewrap when it works here), ``bubblewrap`` or ``subprocess``.
@@ -436,7 +487,11 @@ class _OwnCount:
 class Kernel:
     """One sandboxed kernel, started at once and waiting for the one notebook :meth:`run` gives it.
 
-    ``workdir``: its working directory, kept; None: a new temporary one, deleted by :meth:`close`.
+    ``workdir``: its working directory, kept; None: a new temporary one, deleted by :meth:`close`
+    (as root, a tmpfs of ``Limits.tmp_bytes``, unmounted by :meth:`close`: read what the notebook
+    left there before closing). ``channel_dir``: a directory of the grader's that the kernel can read
+    but never write, at ``inner_channel_dir`` as the kernel sees it. ``isolation``: what the kernel
+    has, as the result records it (:func:`sandbox.isolation_label`).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sandboxing: Sandboxing, workdir: Path | None):
@@ -453,23 +508,43 @@ class Kernel:
         self._job: Path | None = None
         self._log = None
         self._used = self._stopped = False
+        self._tmpfs = False  # whether the workdir is a tmpfs of its own, unmounted by close()
+        # The grader's read-only directory for the kernel: its host path, and the path the kernel sees.
+        self.channel_dir: Path | None = None
+        self.inner_channel_dir: str | None = None
         self.failure: str | None = None  # why it could not start; its notebook is then not run
+        self.mode: str | None = None
+        self.box: cgroups.Box | None = None
         try:
-            self.mode, why = sandbox.choose_mode(sandboxing.isolation)
+            self.mode, self._why = sandbox.choose_mode(sandboxing.isolation)
         except Exception as e:  # bubblewrap demanded but unavailable
             self.isolation, self.failure = "none", str(e)
             return
-        self.isolation = sandbox.ISOLATION_LABELS[self.mode]
-        if self.mode == sandbox.SUBPROCESS and why:
-            self.isolation = f"{self.isolation}; {why}"
-        self.root = os.geteuid() == 0
+        self.root = os.geteuid() == 0  # and so the kernel runs as the job's uid
         if self.mode == sandbox.SUBPROCESS and self.root and not sandbox.reachable_by_others(sys.executable):
             self.root = False  # cannot drop to the job uid without namespaces: the label says so
-            self.isolation += f"; runs as root: the interpreter is not reachable for uid {sandboxing.uid}"
+            self._why += f"; runs as root: the interpreter is not reachable for uid {sandboxing.uid}"
+        self.isolation = self._label("work dir not made")
         try:
             loop.run_until_complete(self._launch())
         except Exception as e:  # noqa: BLE001 - becomes the notebook's reason, never an escape
             self.failure = self.did_not_start(e)
+
+    def _label(self, work_dir: str) -> str:
+        return sandbox.isolation_label(self.mode, self._why, job_uid=self.root, work_dir=work_dir)
+
+    def _hold_workdir(self) -> str:
+        """Make the workdir; as root, one of its own is a size-capped tmpfs (the notebook's files in
+        RAM, at most ``tmp_bytes`` of them). Says how it is held, for the isolation label."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            return sandbox.work_dir_phrase(None, "needs root")
+        if self._own_workdir is None:
+            return sandbox.work_dir_phrase(None, "kept for the caller")
+        owner = self.sandboxing.uid if self.root else 0
+        problem = sandbox.mount_tmpfs(self.workdir, self.limits.tmp_bytes, owner, owner)
+        self._tmpfs = problem is None
+        return sandbox.work_dir_phrase(self.limits.tmp_bytes if self._tmpfs else None, problem)
 
     async def _launch(self) -> None:
         from jupyter_client.kernelspec import KernelSpecManager
@@ -477,7 +552,12 @@ class Kernel:
 
         s = self.sandboxing
         uid, gid = (s.uid, s.uid) if self.root else (os.getuid(), os.getgid())
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.isolation = self._label(self._hold_workdir())
+        # Where no box can be made (not root, no delegated cgroup) the rlimits stay, and the label says
+        # so; `labgrader doctor` says why.
+        self.box = cgroups.create("kernel", memory_bytes=self.limits.box_memory_bytes,
+                                  pids=self.limits.processes, cpu_weight=cgroups.DEFAULT_CPU_WEIGHT)
+        self.isolation += "; " + (self.box.describe() if self.box else "no resource box (rlimits only)")
         mounts = [self.workdir]
         if s.data_root is not None and self.mode == sandbox.BUBBLEWRAP:
             (self.workdir / "data").mkdir(exist_ok=True)  # mount point for the read-only dataset
@@ -491,11 +571,16 @@ class Kernel:
         ipc.mkdir(mode=0o700)
         if self.root:
             os.chown(ipc, uid, gid)
+        self.channel_dir = job / "channel"  # the grader's: the job's uid can read it, never write
+        self.channel_dir.mkdir()
+        self.channel_dir.chmod(0o755)
+        self.inner_channel_dir = (sandbox.INNER_CHANNEL_DIR if self.mode == sandbox.BUBBLEWRAP
+                                  else str(self.channel_dir))
         config = sandbox.SandboxConfig(
             workdir=str(self.workdir), ipc_dir=str(ipc), mode=self.mode,
             data_root=str(Path(s.data_root).resolve()) if s.data_root is not None else None,
-            hide=tuple(str(Path(h).resolve()) for h in [*s.hide, job / "kernels", job / "runtime",
-                                                        job / "kernel.log"]),
+            hide=tuple(str(Path(h).resolve()) for h in s.hide), channel_dir=str(self.channel_dir),
+            cgroup_procs=self.box.procs_files if self.box else (),
             uid=uid, gid=gid, drop_uid=self.root,
             memory_bytes=self.limits.memory_bytes, processes=self.limits.processes,
             file_size_bytes=self.limits.file_size_bytes, tmp_bytes=self.limits.tmp_bytes,
@@ -544,11 +629,17 @@ class Kernel:
             self._log.flush()
             tail = (self._job / "kernel.log").read_bytes()[-1500:].decode("utf-8", "replace").strip()
         return (f"the kernel did not start ({type(error).__name__}: {error})"
-                + (f"; {_exit_reason(code)}" if code is not None else "")
+                + (f"; {self.exit_reason()}" if code is not None else "")
                 + (f"; its last words: {tail}" if tail else ""))
 
+    def exit_reason(self) -> str:
+        """Why the kernel's process ended, naming the resource box's limit when it was hit."""
+        why = _exit_reason(_returncode(self.km))
+        hit = self.box.limits_hit() if self.box is not None else None
+        return f"{hit} ({why})" if hit else why
+
     def kill(self) -> None:
-        _kill_group(self.km, self.sweep_uid)
+        _kill_group(self.km, self.sweep_uid, self.mode == sandbox.BUBBLEWRAP)
 
     def exited(self) -> bool:
         """Whether the kernel's process has ended (it never started counts as not exited: the
@@ -590,7 +681,7 @@ class Kernel:
     async def stop(self, client=None) -> None:
         if not self._stopped and self.km is not None:
             self._stopped = True
-            await _shutdown(client, self.km, self.sweep_uid)
+            await _shutdown(client, self.km, self.sweep_uid, self.mode == sandbox.BUBBLEWRAP)
 
     def close(self) -> None:
         """Stop the kernel if it still runs and remove its files (and its workdir, if its own)."""
@@ -601,8 +692,13 @@ class Kernel:
         finally:
             if self._log is not None:
                 self._log.close()
+            if self.box is not None:  # after the kernel: whatever it left running in the box goes too
+                self.box.remove()
             if self._job is not None:
                 shutil.rmtree(self._job, ignore_errors=True)
+            if self._tmpfs:
+                with contextlib.suppress(OSError):
+                    sandbox.unmount(self.workdir)
             if self._own_workdir is not None:
                 self._own_workdir.cleanup()
 
@@ -723,7 +819,7 @@ async def _run(kernel: Kernel, nb, record_dir: Path, prelude: str, epilogue: str
                     cells[index] = CellRun(index, "timeout", secs, f"CellTimeout: {why}", None, images, head)
                     status = "timeout"
                 else:
-                    why = _exit_reason(_returncode(km))
+                    why = kernel.exit_reason()
                     cells[index] = CellRun(index, "kernel-died", secs, f"KernelDied: {why}", None,
                                            images, head)
                     status = "kernel-died"
@@ -824,7 +920,7 @@ async def _run_code(client, code: str, timeout: float, killer) -> dict | None:
     return None
 
 
-async def _shutdown(client, km, uid) -> None:
+async def _shutdown(client, km, uid, sandboxed: bool) -> None:
     """``client``: None for a kernel started ahead that never ran a notebook."""
     if client is not None:
         with contextlib.suppress(Exception):
@@ -832,12 +928,15 @@ async def _shutdown(client, km, uid) -> None:
         with contextlib.suppress(Exception):
             if client.kc is not None:
                 client.kc.stop_channels()
+    if sandboxed:  # the sandbox first, then bwrap has reaped it (see _kill_group)
+        _kill_group(km, uid, sandboxed)
+        await _exited(km, BWRAP_EXIT_WAIT)
     try:
         if km.has_kernel:
             await asyncio.wait_for(km.shutdown_kernel(now=True), 10)
     except Exception:  # noqa: BLE001
         pass
-    _kill_group(km, uid)
+    _kill_group(km, uid, sandboxed=False)  # whatever is left
     with contextlib.suppress(Exception):
         await km.cleanup_resources()
     if client is not None:

@@ -70,30 +70,6 @@ def test_workers_run_each_notebook_in_a_kernel_started_ahead_and_leave_none_behi
     assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _mentions(p, str(scratch))]
 
 
-def _start_worker_and_list(config, uids, left, scratch: Path, listing: Path) -> None:
-    batch._start_worker(config, uids, left)
-    listing.write_text(json.dumps(sorted(p.name.split("-")[0] for p in scratch.iterdir())))
-
-
-def test_a_worker_stops_the_kernel_it_has_waiting_when_it_exits(grading_config, tmp_path, monkeypatch):
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setenv("TMPDIR", str(scratch))
-    context = multiprocessing.get_context("spawn")
-    uids = context.Queue()
-    uids.put(batch.FIRST_JOB_UID)
-    left = context.Value("i", 1)  # held here: Process.start() lets go of its arguments
-    config = grading_config(runs_dir=tmp_path / "out" / ".runs")
-    worker = context.Process(target=_start_worker_and_list,
-                             args=(config, uids, left, scratch, tmp_path / "listing.json"))
-    worker.start()
-    worker.join(120)
-    assert worker.exitcode == 0
-    assert json.loads((tmp_path / "listing.json").read_text()) == ["labgrader", "lg"]  # a kernel waited
-    assert list(scratch.iterdir()) == []
-    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _mentions(p, str(scratch))]
-
-
 def _load_slowly_and_mark(config, marker: Path) -> None:
     def slow_load(_config):
         time.sleep(1)
