@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     grade.add_argument("paths", nargs="+", type=Path)
     grade.add_argument("--out", type=Path, default=Path("out"), help="where results and reports go")
     grade.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel workers (default: cores)")
+    grade.add_argument("--overrides", type=Path, metavar="FILE", help="the instructor's overrides (.toml or .csv: "
+                       "student, check or total, points, comment, by, at), applied on top of the grades; "
+                       "kept runs are not run again")
     _grading_options(grade)
     grade.set_defaults(command=_grade)
 
@@ -183,8 +186,50 @@ def _config(args: argparse.Namespace, out: Path, jobs: int = 1, runs_dir: Path |
                            fast_data=args.fast_data, isolation=args.isolation, hide=hide)
 
 
+def _require_isolation(isolation: str) -> None:
+    """``--isolation bubblewrap`` where the sandbox cannot start: stop before grading anything."""
+    from grader import sandbox
+
+    problem = sandbox.bubblewrap_problem() if isolation == sandbox.BUBBLEWRAP else None
+    if problem is not None:
+        raise UserError(f"--isolation bubblewrap: the sandbox cannot start here: {problem} "
+                        "(`labgrader doctor` says more)")
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from grader import doctor, sandbox
+
+    lines = doctor.diagnose()
+    width = max(len(line.name) for line in lines)
+    for line in lines:
+        print(f"{'ok' if line.ok else 'NO':<3} {line.name:<{width}}  {line.detail}")
+    return 0 if sandbox.bubblewrap_problem() is None else 1
+
+
+def _spec(args: argparse.Namespace, provisioned):
+    """The pinned spec, else the committed one, else the one derived for this data (cached)."""
+    import time
+
+    from reference import spec
+
+    if args.spec is not None:
+        return spec.pinned(args.spec, provisioned)
+    found = spec.committed(provisioned) or spec.cached(provisioned)
+    if found is not None:
+        return found
+    why = ("the committed one was made from other files" if spec.path_for(provisioned.profile).is_file()
+           else "none is committed")
+    print(f"no spec for this {provisioned.profile} data ({why}): deriving it by running the reference "
+          "on it, once; it is kept for the next runs", file=sys.stderr)
+    started = time.monotonic()
+    derived = spec.derive(provisioned)
+    print(f"derived the spec in {time.monotonic() - started:.0f} s; kept at {spec.cache_path(provisioned)}",
+          file=sys.stderr)
+    return derived
+
+
 def _grade(args: argparse.Namespace) -> int:
-    from grader import batch, intake
+    from grader import batch, intake, overrides
 
     if args.jobs < 1:
         raise UserError("--jobs must be at least 1")
@@ -192,13 +237,22 @@ def _grade(args: argparse.Namespace) -> int:
     if not submissions:
         raise UserError(f"no notebooks found in {', '.join(map(str, args.paths))}")
     config = _config(args, args.out, args.jobs)
+    try:  # all of it checked before anything is graded or written
+        decisions = overrides.load(args.overrides, submissions, config.rubric) if args.overrides else {}
+    except overrides.OverrideError as error:
+        raise UserError(str(error)) from None
     print(f"grading {len(submissions)} submission(s) on {_describe(config.provisioned)}; "
           f"{args.jobs} worker(s) x {config.threads} thread(s)", file=sys.stderr)
-    results = batch.grade_all(submissions, config, args.out, args.jobs, progress=not args.quiet)
+    results = batch.grade_all(submissions, config, args.out, args.jobs, progress=not args.quiet,
+                              decisions=decisions)
     graded = [r for r in results if r.status == "graded"]
     width = max(len(r.submission_id) for r in results)
     for r in results:
         shown = f"{r.score:g}/{r.max_score:g}" if r.status == "graded" else f"error: {r.reason}"
+        if r.overrides:
+            shown += f" (overridden; automatic {r.automatic_score:g})"
+        elif r.submission_id in decisions:
+            shown += " (its overrides were not applied: it was not graded)"
         print(f"{r.submission_id:<{width}}  {shown}")
     mean = sum(r.score for r in graded) / len(graded) if graded else 0.0
     print(f"{len(graded)} graded, {len(results) - len(graded)} could not be graded; mean score {mean:.2f}; "

@@ -565,7 +565,7 @@ class Kernel:
         if self.root:  # what the notebook finds in it later is handed over when it runs
             for p in mounts:
                 os.chown(p, uid, gid)
-        self._job = job = Path(tempfile.mkdtemp(prefix="lg-"))  # short path: Unix socket names are <108 bytes
+        self._job = job = Path(tempfile.mkdtemp(prefix="lg-", dir=_job_parent()))
         os.chmod(job, 0o711)
         ipc = job / "ipc"
         ipc.mkdir(mode=0o700)
@@ -710,6 +710,20 @@ class Kernel:
             task.cancel()
         if leftover:
             self._loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+
+
+# A Unix socket's path has at most 107 bytes, and a job directory holds the kernel's sockets and the
+# probe's: "<parent>/lg-XXXXXXXX/channel/probe-<16 hex digits>.sock" adds 50 to its parent's path.
+# A long TMPDIR (pytest's, a deep home directory) made the kernel or the probe fail to start.
+_SOCKET_PATH_MAX = 107
+_JOB_PATH_EXTRA = 50
+
+
+def _job_parent() -> str:
+    """Where a kernel's job directory goes: the usual temporary directory, unless its path leaves the
+    sockets inside too little room; then /tmp."""
+    parent = tempfile.gettempdir()
+    return parent if len(os.fsencode(parent)) + _JOB_PATH_EXTRA <= _SOCKET_PATH_MAX else "/tmp"
 
 
 def _not_run(nb) -> tuple[CellRun, ...]:

@@ -144,15 +144,20 @@ def gradebook_csv(results: Iterable[GradeResult], rubric_check_names: list[str])
             if c.name not in names:
                 names.append(c.name)
     rows: list[list[Any]] = [["submission_id", "source", "status", "reason", *names, "total", "max_score",
-                              "execution_status", "notebook_sha256", "graded_at"]]
+                              "execution_status", "flagged_for_review", "notebook_sha256", "graded_at"]]
     for r in results:
         by_name = {c.name: c for c in r.checks}
         graded = r.status == "graded"
         per_check = [points(by_name[n].points) if graded and n in by_name else "" for n in names]
         rows.append([r.submission_id, r.source, r.status, r.reason or "", *per_check,
                      points(r.score) if graded else "", points(r.max_score),
-                     r.execution_status or "", r.notebook_sha256 or "", r.graded_at])
+                     r.execution_status or "", flagged(r), r.notebook_sha256 or "", r.graded_at])
     return _csv(rows)
+
+
+def flagged(result: GradeResult) -> str:
+    """Why an instructor should look at this submission (the probe's integrity findings), or ""."""
+    return "; ".join(result.integrity)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +182,9 @@ def _overall_output(r: GradeResult) -> str:
         lines.append("Network access was blocked in: " + ", ".join(r.network_blocked) + ".")
     if r.data_profile:
         lines.append(f"Data profile: {r.data_profile}.")
+    if r.integrity:
+        lines.append("Flagged for your instructor to review: the grader had to undo changes the notebook "
+                     "made to its own kernel: " + flagged(r) + ".")
     hidden = [c for c in r.checks if c.visibility == "hidden"]
     visible = [c for c in r.checks if c.visibility != "hidden"]
     if hidden and all(c.status == "passed" for c in visible) and any(
@@ -239,7 +247,11 @@ def junit_xml(results: Iterable[GradeResult], rubric_check_names: list[str],
     suite = ET.SubElement(root, "testsuite", {
         "name": SUITE_NAME, "package": SUITE_NAME, "id": "0", "timestamp": stamp,
         "hostname": "localhost"})
-    ET.SubElement(suite, "properties")
+    properties = ET.SubElement(suite, "properties")
+    for r in results:
+        if r.integrity:
+            ET.SubElement(properties, "property", {"name": _xml_text(f"flagged_for_review {r.submission_id}"),
+                                                   "value": _xml_text(flagged(r))})
     tests = failures = errors = 0
     total_time = 0.0
     for r in results:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
 # grader and reference packages (a new module counts from the day it is added), except these, which
 # only present verdicts already made or start the work (figures.py has its own digest: a change to
 # it redraws kept findings without running the notebook)...
-_PRESENTATION = frozenset({"report.py", "export.py", "figures.py", "cli.py", "assign.py", "doctor.py",
+_PRESENTATION = frozenset({"report.py", "export.py", "figures.py", "cli.py", "assign.py", "doctor.py", "overrides.py",
                            "resources.py"})
 # ...and the libraries that execute the notebook, compute the reference or read what came back.
 _DEPENDENCIES = ("torch", "torchvision", "numpy", "nbclient", "nbformat", "ipykernel", "jupyter_client",
@@ -75,12 +74,20 @@ class Config:
 
 @dataclass(frozen=True)
 class Run:
-    """What executing one notebook produced, as kept in its run directory."""
+    """What executing one notebook produced, as kept in its run directory: the probe's answer as
+    the channel received it, and parsed (``answers`` is None when there is none to parse)."""
 
     directory: Path
     execution: Execution
     plan: probe.Plan
-    answers: dict[str, Any] | None
+    answers: probe.Answers | None
+    received: probe.Received = probe.Received()
+
+    @property
+    def integrity(self) -> tuple[str, ...]:
+        """What the probe had to undo in the kernel, and what the grader saw on its channel."""
+        kernel = self.answers.integrity if self.answers is not None else ()
+        return kernel + self.received.findings(self.execution.probe_error)
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,12 @@ def _load(config: Config) -> None:
         _loading.release()
 
 
+class GraderFault(Exception):
+    """The notebook could not be run for a reason outside it (its kernel never started, the grader's
+    own machinery failed): an error of the grader, reported as such and never kept as a run, so the
+    next run grades the notebook again."""
+
+
 def grade(submission: Submission, config: Config, reuse: bool = True, kept: Run | None = None,
           kernels: execute.Kernels | None = None) -> GradeResult:
     """Grade one submission, reusing its run when nothing that decides the run has changed.
@@ -232,6 +245,10 @@ def grade(submission: Submission, config: Config, reuse: bool = True, kept: Run 
     try:
         the_run = kept or (load_run(submission, config) if reuse else None) or run(submission, config, kernels)
         return judge(submission, the_run, config, started)
+    except GraderFault as fault:
+        return _error_result(submission, config, f"the grader could not run this notebook ({fault}); "
+                             "this is a fault of the grading machine, not of the notebook, and it is "
+                             "graded again on the next run")
     except Exception as error:  # one notebook that breaks the grader must not stop a class's batch
         return _error_result(submission, config, f"the grader failed on this notebook "
                              f"({type(error).__name__}: {error}); please report it")
@@ -245,51 +262,50 @@ def run(submission: Submission, config: Config, kernels: execute.Kernels | None 
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    probed: list[tuple[probe.Plan, Path]] = []
+    probed: list[tuple[probe.Plan, probe.Channel]] = []
 
     def epilogue() -> str:
-        # The probe's inputs are drawn once the cells have run: they were never there to read.
+        # The probe's inputs are drawn once the cells have run: they were never there to read. They
+        # go in with the code, and the answer comes back on a socket in the grader's own directory.
         plan = probe.make_plan(*dataset(config))
-        plan_path, answers_path = probe.write_inputs(plan, kernel.workdir)
-        probed.append((plan, answers_path))
-        return probe.probe_code(plan_path, answers_path)
+        channel = probe.Channel(kernel.channel_dir, plan.nonce, timeout=config.rubric.cell_timeout + 10)
+        probed.append((plan, channel))
+        return probe.probe_code(plan, kernel.inner_channel_dir)
 
     with kernels.kernel() as kernel:
         notebook = nbformat.reads(submission.notebook.decode(), as_version=4)
-        execution = kernel.run(notebook, directory, epilogue=epilogue,
-                               prelude=probe.prelude_code(config.seed, config.threads, config.fast_data))
-        if probed:
-            [(plan, answers_path)] = probed
-            answers = probe.read(answers_path, plan)
-        else:  # the kernel died first: the reference still answers for the report
-            plan, answers = probe.make_plan(*dataset(config)), None
-        _copy_model_file(kernel.workdir / config.rubric.model_file, directory / "model.pt")
+        try:
+            execution = kernel.run(notebook, directory, epilogue=epilogue,
+                                   prelude=probe.prelude_code(config.seed, config.threads, config.fast_data))
+        finally:
+            received = probed[0][1].close() if probed else probe.Received()
+        if execution.status == "not-run":  # no cell ran: nothing of it is the notebook's doing
+            raise GraderFault(execution.reason)
+        # No epilogue when the kernel died first: the reference still answers for the report.
+        plan = probed[0][0] if probed else probe.make_plan(*dataset(config))
+        from grader import saved_model  # torch: loaded by now, for the dataset
+
+        saved_model.keep(kernel.workdir / config.rubric.model_file, directory / "model.pt")
     kernels.start_ahead()  # the next notebook's kernel starts while this one is judged
     execution = dataclasses.replace(execution, workdir=None, fast_data=config.fast_data)
-    the_run = Run(directory, execution, plan, answers)
+    the_run = Run(directory, execution, plan, _parsed(received, plan), received)
     _save_run(the_run, run_key(submission, config))
     return the_run
 
 
-def _copy_model_file(source: Path, target: Path) -> None:
-    """Keep the student's model file for inspection: a regular file only (never a link or a pipe
-    they planted), and no more than one byte past the size limit, enough to report it as too big."""
-    from grader import saved_model
-
-    try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return
-    with os.fdopen(fd, "rb") as model_file:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            target.write_bytes(model_file.read(saved_model.MAX_FILE_BYTES + 1))
+def _parsed(received: probe.Received, plan: probe.Plan) -> probe.Answers | None:
+    return probe.parse(received.message, plan) if received.message is not None else None
 
 
 def _save_run(the_run: Run, key: dict[str, Any]) -> None:
+    """The probe's answer is kept as the channel received it (``answers``: its JSON) and parsed
+    again on loading: the schema's code is in the run key."""
     directory = the_run.directory
     np.savez(directory / "plan.npz", **the_run.plan.arrays)
+    received = the_run.received.to_json()
     _write_json(directory / "run.json", {
-        "execution": _execution_json(the_run.execution), "answers": the_run.answers,
+        "execution": _execution_json(the_run.execution), "answers": received.pop("message"),
+        "channel": received,
         "plan": {"seed": the_run.plan.seed, "nonce": the_run.plan.nonce,
                  "data_indices": the_run.plan.data_indices}})
     # Written last: a run without its key (an interrupted one) is never reused.
@@ -304,16 +320,18 @@ def load_run(submission: Submission, config: Config) -> Run | None:
         saved = json.loads((directory / "run.json").read_text())
         with np.load(directory / "plan.npz", allow_pickle=False) as arrays:
             plan = probe.Plan(arrays={k: arrays[k] for k in arrays.files}, **saved["plan"])
+        received = probe.Received.from_json({**saved["channel"], "message": saved["answers"]})
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return Run(directory, _execution_from_json(saved["execution"], directory), plan, saved["answers"])
+    return Run(directory, _execution_from_json(saved["execution"], directory), plan, _parsed(received, plan),
+               received)
 
 
 def judge(submission: Submission, the_run: Run, config: Config, started: float) -> GradeResult:
     """``started``: when grading this submission began (``time.monotonic()``), for its ``seconds``."""
     found = findings(the_run, config)
     scored = score(found.verdicts, config.rubric)
-    history = (the_run.answers or {}).get("history")
+    history = _history(the_run)
     return GradeResult(
         submission_id=submission.id, source=submission.source, status="graded",
         score=round(sum(c.points for c in scored), 4), max_score=config.rubric.max_score,
@@ -323,10 +341,19 @@ def judge(submission: Submission, the_run: Run, config: Config, started: float) 
         network_blocked=the_run.execution.network_blocked,
         isolation=the_run.execution.isolation, fast_data=the_run.execution.fast_data,
         data_profile=config.provisioned.profile, spec_version=config.spec.version,
+        spec_source=config.spec.source,
         rubric_sha256=config.rubric.sha256, seconds=round(time.monotonic() - started, 3),
         graded_at=_now(), figures=found.figures, confusion_matrix=found.confusion,
-        student_history=history if isinstance(history, dict) else None,
-        reference_history=config.spec.content["history"])
+        student_history=history, reference_history=config.spec.content["history"],
+        integrity=the_run.integrity)
+
+
+def _history(the_run: Run) -> dict[str, list[float]] | None:
+    """The notebook's own ``hist``, as the probe found it, for the report."""
+    history = the_run.answers.history if the_run.answers is not None else None
+    if not isinstance(history, probe.HistoryAnswer):
+        return None
+    return {key: list(values) for key, values in history.values.items()}
 
 
 def findings(the_run: Run, config: Config) -> Findings:
@@ -356,7 +383,7 @@ def findings(the_run: Run, config: Config) -> Findings:
     notebook = nbformat.read(notebook_path, as_version=4) if notebook_path.is_file() else None
     evidence = checks.Evidence(spec=config.spec, execution=the_run.execution, saved_model=inspected,
                                expected=expected.compute(the_run.plan, train, test), probe=the_run.answers,
-                               notebook=notebook)
+                               notebook=notebook, plan=the_run.plan, unanswered=the_run.received.problem)
     found = Findings(checks.run_checks(evidence), _draw_figures(the_run, inspected, test, config),
                      inspected.confusion)
     _write_json(kept, {"verdicts": [dataclasses.asdict(v) for v in found.verdicts], "figures": found.figures,
@@ -369,9 +396,7 @@ def _draw_figures(the_run: Run, inspected, test, config: Config) -> dict[str, st
     report, and costs nothing else (figures never count towards the score)."""
     from grader import figures
 
-    history = (the_run.answers or {}).get("history")
-    drawers = {"learning_curves": lambda: figures.learning_curves(
-        history if isinstance(history, dict) else None, config.spec.content["history"])}
+    drawers = {"learning_curves": lambda: figures.learning_curves(_history(the_run), config.spec.content["history"])}
     if inspected.first_layer is not None:
         rows = np.array(inspected.first_layer)
         if inspected.architecture.count("Linear(") == 1:  # the lab's model: one row per class
@@ -397,6 +422,7 @@ def _error_result(submission: Submission, config: Config, reason: str) -> GradeR
     return GradeResult(submission_id=submission.id, source=submission.source, status="error", score=0.0,
                        max_score=config.rubric.max_score, notebook_sha256=submission.sha256, reason=reason,
                        data_profile=config.provisioned.profile, spec_version=config.spec.version,
+                       spec_source=config.spec.source,
                        rubric_sha256=config.rubric.sha256, graded_at=_now())
 
 

@@ -27,6 +27,7 @@ import jinja2
 from markupsafe import Markup
 
 from grader.export import atomic_write_text
+from grader.overrides import TOTAL
 from grader.resources import TEMPLATES_DIR
 from grader.results import CellRun, GradeResult, ScoredCheck
 
@@ -237,6 +238,11 @@ def _execution_notes(result: GradeResult, failed_cells: list[CellRun]) -> list[N
                                   "already provided offline, and every package it needs is "
                                   "installed; remove pip installs and downloads that need the "
                                   "internet."))
+    if result.integrity:
+        notes.append(Note("bad", "Flagged for your instructor to review: the grader had to undo changes "
+                                 "your notebook made to its own kernel before checking it ("
+                                 + "; ".join(result.integrity) + "). Only what your code computes "
+                                 "counts; remove hooks, patches and threads that outlive their cell."))
     not_run = sum(1 for c in result.cells if c.status == "not-run")
     if not_run:
         notes.append(Note("warn", f"{not_run} cell{'s' if not_run != 1 else ''} did not run "
@@ -264,6 +270,13 @@ def _hidden_summary(hidden: list[ScoredCheck]) -> dict[str, Any] | None:
     }
 
 
+def student(result: GradeResult) -> str | None:
+    """The student as the LMS named them: "name (LMS id)", or the name alone; None when unknown."""
+    if result.student_name is None:
+        return None
+    return f"{result.student_name} ({result.student_id})" if result.student_id else result.student_name
+
+
 def report_context(result: GradeResult) -> dict[str, Any]:
     """Everything the report template shows, computed here so the template stays plain."""
     visible = [c for c in result.checks if c.visibility != "hidden"]
@@ -276,8 +289,15 @@ def report_context(result: GradeResult) -> dict[str, Any]:
                          and visible_all_passed and hidden_all_passed)
     visible_points = sum(c.points for c in visible)
     visible_max = sum(c.max_points for c in visible)
+    overridden = {o.check: o for o in result.overrides}
     return {
         "r": result,
+        "student": student(result),
+        # The instructor's overrides: the grader's verdict and points stay shown beside them.
+        "overridden": overridden,
+        "hidden_overrides": [overridden[c.name] for c in hidden if c.name in overridden],
+        "total_override": overridden.get(TOTAL),
+        "automatic_score": fmt_points(result.automatic_score),
         "graded": result.status == "graded",
         "score": fmt_points(result.score),
         "max_score": fmt_points(result.max_score),
@@ -377,6 +397,7 @@ def summary_context(results: Iterable[GradeResult],
         pct = _percent(r)
         rows.append({
             "r": r,
+            "student": student(r),
             "link": report_links.get(r.submission_id),
             "percent": pct,
             "percent_text": f"{pct:.0f}%" if pct is not None else "–",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.3"
 HIDDEN_MESSAGE = "A hidden check: your instructor sees its message."
 
 
@@ -24,6 +24,12 @@ class Submission:
     notebook: bytes | None = None
     sha256: str | None = None
     error: str | None = None
+    # The student, as the LMS download named them (Canvas: user id and "lastfirst"; Moodle:
+    # participant id and full name) or, for a folder per student, the folder's name (no id).
+    student_id: str | None = None
+    student_name: str | None = None
+    # Set on a student's other files: the id of the submission graded for them instead.
+    superseded_by: str | None = None
 
 
 CellStatus = Literal["ok", "error", "timeout", "kernel-died", "not-run", "skipped"]
@@ -86,6 +92,19 @@ class ScoredCheck:
 
 
 @dataclass(frozen=True)
+class Override:
+    """An instructor's decision on one check (``check``: its name) or on the whole submission
+    (``check`` "total"): the points it replaced and the points it gives, why, who, when."""
+
+    check: str
+    automatic_points: float
+    points: float
+    comment: str
+    by: str
+    at: str  # ISO 8601, as the overrides file gave it
+
+
+@dataclass(frozen=True)
 class GradeResult:
     submission_id: str
     source: str
@@ -103,6 +122,7 @@ class GradeResult:
     fast_data: bool = False
     data_profile: str | None = None
     spec_version: str | None = None
+    spec_source: str | None = None  # "committed", "derived (<cache path>)" or "pinned (<path>)"
     rubric_sha256: str | None = None
     seconds: float = 0.0
     graded_at: str = ""
@@ -113,6 +133,17 @@ class GradeResult:
     confusion_matrix: list[list[int]] | None = None
     student_history: dict[str, list[float]] | None = None
     reference_history: dict[str, list[float]] | None = None
+    # What the probe had to undo in the notebook's kernel (a replaced builtin or torch function, an
+    # IPython hook, a trace function, a thread left running...) and what the grader saw on the probe's
+    # channel (extra answers, a probe that sent nothing): for an instructor to review. Empty when the
+    # kernel was left as the grader set it up.
+    integrity: tuple[str, ...] = ()
+    student_id: str | None = None  # copied from the Submission
+    student_name: str | None = None
+    # The instructor's overrides (grader/overrides.py): ``score`` and the overridden checks' points
+    # are final, ``automatic_score`` is the score the grader gave (None when nothing is overridden).
+    overrides: tuple[Override, ...] = ()
+    automatic_score: float | None = None
     schema_version: str = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -131,6 +162,8 @@ class GradeResult:
         data["checks"] = tuple(ScoredCheck(**{**c, "warnings": tuple(c.get("warnings", ()))})
                                for c in data.get("checks", ()))
         data["cells"] = tuple(CellRun(**c) for c in data.get("cells", ()))
+        data["integrity"] = tuple(data.get("integrity", ()))
+        data["overrides"] = tuple(Override(**o) for o in data.get("overrides", ()))
         if "network_blocked" in data:
             data["network_blocked"] = tuple(data["network_blocked"])
         return cls(**data)

@@ -3,6 +3,7 @@ that figure, and nothing ``labgrader check`` writes holds a hidden check's messa
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import json
 import re
 from pathlib import Path
@@ -101,3 +102,31 @@ def test_check_writes_no_hidden_message_where_a_student_can_read(tmp_path, mnist
             assert verdicts[name] not in text, f"{name}'s message is in {path}"
     result = json.loads((out / "lab" / "result.json").read_text())
     assert {c["name"] for c in result["checks"] if c["visibility"] == "hidden"} == set(hidden)
+
+
+def test_a_kernel_that_cannot_start_is_the_graders_error_and_graded_again_next_time(grading_config, monkeypatch):
+    from grader import intake, sandbox
+
+    [submission] = intake.collect([resources.EXAMPLES_DIR / "empty.ipynb"])
+    config = grading_config()
+    real = sandbox.kernel_command
+    monkeypatch.setattr(sandbox, "kernel_command", lambda config: ["/bin/false"])
+    failed = pipeline.grade(submission, config)
+    assert failed.status == "error" and not failed.checks
+    assert "the kernel did not start" in failed.reason and "fault of the grading machine" in failed.reason
+    assert not (config.runs_dir / submission.id / "key.json").exists()  # nothing kept to be reused
+    monkeypatch.setattr(sandbox, "kernel_command", real)
+    again = pipeline.grade(submission, config)
+    assert again.status == "graded" and again.score > 0
+
+
+def test_a_long_temporary_directory_does_not_stop_the_kernel_or_the_probe(grading_config, monkeypatch, tmp_path):
+    from grader import intake
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    [submission] = intake.collect([resources.EXAMPLES_DIR / "empty.ipynb"])
+    result = pipeline.grade(submission, grading_config())
+    assert result.status == "graded" and result.execution_status == "completed", result.reason
+    assert not result.integrity  # the probe's answer came back

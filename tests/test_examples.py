@@ -58,6 +58,9 @@ def test_example_gets_its_expected_grade(name, graded):
         assert text in by_name[check].message, by_name[check].message
     warnings = {w.split(":")[0] for c in result.checks for w in c.warnings}
     assert warnings == set(want.get("warns", []))
+    # Integrity findings flag a result for review: every hostile example that touched the kernel has
+    # some, and no honest one has any.
+    assert bool(result.integrity) == want.get("flagged", False), result.integrity
     # What the batch wrote is the same result, whole.
     written = GradeResult.from_json(json.loads((out / result.submission_id / "result.json").read_text()))
     assert written.score == result.score and written.checks == result.checks

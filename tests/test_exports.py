@@ -398,3 +398,18 @@ def test_lms_gradebooks_are_written_with_the_run(cohort, tmp_path: Path):
     assert [row[1] for row in canvas[2:]] == [STUDENTS.get(r.submission_id, ("", ""))[0] for r in cohort]
     assert [row["Identifier"] for row in moodle] == [
         f"Participant {STUDENTS[r.submission_id][0]}" if r.submission_id in STUDENTS else "" for r in cohort]
+
+
+def test_a_submission_with_integrity_findings_is_flagged_in_every_export(tmp_path):
+    finding = "IPython post_run_cell hook removed: forge_answers"
+    flagged = dataclasses.replace(f.graded("mallory"), integrity=(finding,))
+    honest = f.graded("alice")
+    rows = {row["submission_id"]: row for row in csv.DictReader(io.StringIO(
+        gradebook_csv([flagged, honest], f.RUBRIC_CHECK_NAMES)))}
+    assert rows["mallory"]["flagged_for_review"] == finding and rows["alice"]["flagged_for_review"] == ""
+    from grader.export import gradescope_json
+
+    assert finding in gradescope_json(flagged)["output"] and "review" not in gradescope_json(honest)["output"]
+    suite = etree.fromstring(junit_xml([flagged, honest], f.RUBRIC_CHECK_NAMES).encode()).find("testsuite")
+    assert [(p.get("name"), p.get("value")) for p in suite.find("properties")] == [
+        ("flagged_for_review mallory", finding)]

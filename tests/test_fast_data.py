@@ -1,4 +1,4 @@
-"""The fast data path (grader/inkernel.py ``_install_fast_data``) against torchvision's stock path.
+"""The fast data path (grader/probe/inkernel.py ``_install_fast_data``) against torchvision's stock path.
 
 The fast path serves ``MNIST[i]`` from a tensor converted once when the transform is exactly
 ``ToTensor()``; it must give bitwise what torchvision gives, on every sample of every provisioned
@@ -19,7 +19,7 @@ from nbformat import v4
 from torchvision.datasets import MNIST, FashionMNIST
 from torchvision.transforms import Compose, Normalize, ToTensor
 
-from grader import inkernel
+from grader.probe import inkernel
 
 STOCK_GETITEM = MNIST.__getitem__
 BATCH = 1000

@@ -438,3 +438,16 @@ def test_figures_take_untrusted_numbers_and_reject_wrong_shapes():
     png_size(figures.weight_images(np.zeros((8, 784)), [f"unit {u}" for u in range(1, 9)]))  # 8 hidden units
     with pytest.raises(ValueError):
         figures.misclassified(np.zeros((2, 784)), [1], [2, 3])
+
+
+def test_a_flagged_submission_says_so_in_its_report_and_the_summary():
+    import dataclasses
+
+    finding = "builtins.len replaced"
+    flagged = dataclasses.replace(f.graded("mallory"), integrity=(finding,))
+    assert "Flagged for your instructor to review" in text_of(render_report(flagged))
+    assert finding in render_report(flagged)
+    assert "Flagged" not in text_of(render_report(f.graded("alice")))
+    summary = render_summary([flagged, f.graded("alice")], {"mallory": "mallory/report.html",
+                                                            "alice": "alice/report.html"})
+    assert len(css(parse(summary), "span.flagged")) == 1 and finding in summary
