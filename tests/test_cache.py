@@ -296,3 +296,34 @@ def test_findings_drawn_by_older_figure_code_are_drawn_again_without_running(cac
     assert again.confusion_matrix == cached.result.confusion_matrix
     assert sum(map(sum, again.confusion_matrix)) == len(test_labels)
     assert json.loads(findings.read_text())["drawn_by"] == pipeline.figures_digest()
+
+
+# Every input of the run key, changed one at a time: the kept run is no longer reused.
+KEY_CHANGES = {
+    "notebook_sha256": lambda submission, config: (dataclasses.replace(submission, sha256="0" * 64), config),
+    "spec_version": lambda submission, config: (submission, dataclasses.replace(
+        config, spec=dataclasses.replace(config.spec, version=config.spec.version + "-other"))),
+    "profile": lambda submission, config: (submission, dataclasses.replace(
+        config, provisioned=dataclasses.replace(config.provisioned, profile="fashion-mnist"))),
+    "fast_data": lambda submission, config: (submission, dataclasses.replace(config, fast_data=not config.fast_data)),
+    "seed": lambda submission, config: (submission, dataclasses.replace(config, seed=config.seed + 1)),
+    "model_file": lambda submission, config: (submission, dataclasses.replace(
+        config, rubric=dataclasses.replace(config.rubric, model_file="other.pt"))),
+    "cell_timeout": lambda submission, config: (submission, dataclasses.replace(
+        config, rubric=dataclasses.replace(config.rubric, cell_timeout=config.rubric.cell_timeout + 1))),
+    "notebook_timeout": lambda submission, config: (submission, dataclasses.replace(
+        config, rubric=dataclasses.replace(config.rubric, notebook_timeout=config.rubric.notebook_timeout + 1))),
+    "isolation": lambda submission, config: (submission, dataclasses.replace(config, isolation="subprocess")),
+}
+
+
+def test_the_key_names_every_input_changed_below(cached):
+    assert set(pipeline.run_key(_submission(cached), cached.config)) == set(KEY_CHANGES) | {"engine"}
+
+
+@pytest.mark.parametrize("field", sorted(KEY_CHANGES))
+def test_changing_any_input_of_the_key_runs_the_notebook_again(field, cached):
+    submission, config = KEY_CHANGES[field](_submission(cached), cached.config)
+    assert pipeline.run_key(submission, config)[field] != pipeline.run_key(_submission(cached), cached.config)[field]
+    assert pipeline.load_run(submission, config) is None
+    assert pipeline.load_run(_submission(cached), cached.config) is not None
