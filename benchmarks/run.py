@@ -360,7 +360,7 @@ def breakdown(work: Path, root: Path) -> None:
     spent["kernel: connecting to it, the rest"] = spent.pop("Kernel.run in all") - cells - kernel_parts
     spent["notebook cells"] = cells
     grader_parts = sum(v for k, v in spent.items() if not k.startswith("grader process"))
-    spent["grader: other (nbformat, hashing, probe files)"] = total - grader_parts
+    spent["grader: other (nbformat, hashing, the probe's channel)"] = total - grader_parts
     print(f"breakdown of one pipeline.grade ({total:.1f} s, score {result.score:g}/{result.max_score:g}; "
           f"before it, once per process):")
     for label, seconds in sorted(spent.items(), key=lambda kv: (not kv[0].startswith("grader process"), -kv[1])):
