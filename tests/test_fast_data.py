@@ -209,9 +209,10 @@ def _printed(result_dir) -> str:
     return "".join(o.get("text", "") for o in executed.cells[0].outputs)
 
 
-def test_no_fast_data_is_used_recorded_and_reported(tmp_path, mnist_sample_root):
+def test_no_fast_data_is_used_recorded_and_reported(tmp_path, mnist_sample_root, monkeypatch):
     from grader import cli
 
+    monkeypatch.setenv("LABGRADER_HOME", str(tmp_path / "home"))  # where check keeps its run
     notebook = tmp_path / "flag.ipynb"
     nbformat.write(_FLAG_NOTEBOOK, notebook)
     out = tmp_path / "out"
@@ -223,7 +224,7 @@ def test_no_fast_data_is_used_recorded_and_reported(tmp_path, mnist_sample_root)
     assert result["status"] == "graded" and result["fast_data"] is False
     report = (result_file.parent / "report.html").read_text()
     assert "Fast data path</dt><dd>no</dd>" in report
-    [run] = list((out / ".runs").iterdir())
+    [run] = list((tmp_path / "home" / "check-runs").glob("*/*"))
     assert _printed(run / "executed.ipynb").split() == ["FAST", "False", "False"]
     assert json.loads((run / "key.json").read_text())["fast_data"] is False
 
