@@ -285,8 +285,12 @@ def test_writes_only_in_workdir_and_tmp(account, place):
     ex, nb = run(account, place, cell)
     r = report(nb)
     assert r["workdir"] == "ok" and r["tmp"] == "ok" and r["shm"] == "ok"
+    # A checkout under /tmp (a CI clone) is not there inside: the kernel's /tmp is its own tmpfs,
+    # where bwrap made the directories above the bound venv, so a write there stays in the sandbox.
+    private = {"repo"} if REPO.is_relative_to("/tmp") else set()
     for key in [*targets, "chmod_passwd"]:
-        assert r[key] in ("EROFS", "EACCES", "EPERM"), (key, r[key])
+        allowed = ("EROFS", "EACCES", "EPERM") + (("ok", "ENOENT") if key in private else ())
+        assert r[key] in allowed, (key, r[key])
     assert (place / "work" / "mine.txt").read_text() == "x"
     assert not any(os.path.exists(path) for path in targets.values())
 
