@@ -40,7 +40,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from grader import export, overrides, pipeline, report
+from grader import execute, export, overrides, pipeline, report
 from grader.results import GradeResult, Submission
 
 RESULT_NAME = "result.json"
@@ -319,12 +319,8 @@ def _kill_family(pid: int) -> None:
 
 
 def _family(pid: int) -> list[int]:
-    """``pid`` and its descendants, from /proc (the sandbox is Linux's too)."""
-    children: dict[int, list[int]] = {}
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            parent = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(stat_file.parent.name))
+    """``pid`` and its descendants."""
+    children = execute.children_by_parent()
     family = [pid]
     for member in family:  # grows while it is walked: breadth first
         family.extend(children.get(member, ()))

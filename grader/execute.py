@@ -279,7 +279,7 @@ def _kill_group(km, uid: int | None, sandboxed: bool) -> None:
     proc = getattr(getattr(km, "provisioner", None), "process", None)
     if proc is None:
         return
-    inside = _children(proc.pid) if sandboxed else []
+    inside = children_by_parent().get(proc.pid, []) if sandboxed else []
     for pid in inside:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
@@ -298,13 +298,14 @@ def _kill_group(km, uid: int | None, sandboxed: bool) -> None:
                         os.kill(int(pid), signal.SIGKILL)
 
 
-def _children(parent: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, from /proc (the sandbox is Linux's too)."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                found.append(int(stat.parent.name))
-    return found
+            parent = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat_file.parent.name))
+    return children
 
 
 async def _exited(km, seconds: float) -> None:
