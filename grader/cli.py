@@ -269,7 +269,7 @@ def _check_runs_dir(out: Path) -> Path:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from grader import batch, intake, pipeline
+    from grader import batch, classroom, intake, pipeline
 
     submissions = intake.collect([args.notebook])
     if len(submissions) != 1:
@@ -296,9 +296,7 @@ def _check(args: argparse.Namespace) -> int:
     if hidden:
         print(f"+ {len(hidden)} hidden check(s), scored by your instructor")
     print(f"score {result.score:g}/{result.max_score:g}; report: {layout.report(result.submission_id)}")
-    if args.min_score is not None:
-        return 0 if result.score >= args.min_score else 1
-    return 0 if all(c.status == "passed" for c in result.checks if c.visibility == "visible") else 1
+    return 0 if classroom.passes(result, args.min_score) else 1
 
 
 def _assign(args: argparse.Namespace) -> int:
