@@ -285,6 +285,8 @@ def breakdown(work: Path, root: Path) -> None:
     spent: dict[str, float] = collections.defaultdict(float)
     spent.update(start_up(root, work / "start-up-runs"))
     from grader import checks, execute, expected, intake, pipeline, probe, saved_model, score
+    from grader.execute import kernels
+    from grader.execute.client import GradingClient
     from reference import provision, spec
 
     def wrap(module, name, label):
@@ -313,12 +315,12 @@ def breakdown(work: Path, root: Path) -> None:
         return original
 
     grader_code = []
-    run_code = execute._run_code
+    run_code = GradingClient.run_trusted
 
-    async def timed_run_code(client, code, timeout, killer):
+    async def timed_run_code(client, code, timeout):
         t0 = time.monotonic()
         try:
-            return await run_code(client, code, timeout, killer)
+            return await run_code(client, code, timeout)
         finally:
             label = ("kernel: prelude (seeds, threads, import hooks)" if not grader_code
                      else "kernel: probe (epilogue)")
@@ -326,8 +328,8 @@ def breakdown(work: Path, root: Path) -> None:
             spent[label] += time.monotonic() - t0
 
     restore = [
-        (execute, "_run_code", run_code),
-        (execute, "_shutdown", wrap_async(execute, "_shutdown", "kernel: shutdown")),
+        (GradingClient, "run_trusted", run_code),
+        (kernels, "_shutdown", wrap_async(kernels, "_shutdown", "kernel: shutdown")),
         (execute.Kernel, "run", wrap(execute.Kernel, "run", "Kernel.run in all")),
         (pipeline, "dataset", wrap(pipeline, "dataset", "grader: load the dataset tensors")),
         (probe, "make_plan", wrap(probe, "make_plan", "grader: probe plan")),
@@ -337,7 +339,7 @@ def breakdown(work: Path, root: Path) -> None:
         (pipeline, "_draw_figures", wrap(pipeline, "_draw_figures", "grader: figures (matplotlib)")),
         (pipeline, "_save_run", wrap(pipeline, "_save_run", "grader: save the run")),
     ]
-    execute._run_code = timed_run_code
+    GradingClient.run_trusted = timed_run_code
     try:
         provisioned = provision.read_profile(root, "fashion-mnist")
         directory = work / "breakdown"

@@ -29,15 +29,15 @@ give nothing away and are not compared.
 from __future__ import annotations
 
 import copy
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 from nbformat import NotebookNode
+
+from reference import atomic
 
 BEGIN_MARKER = "### BEGIN SOLUTION"
 END_MARKER = "### END SOLUTION"
@@ -151,18 +151,6 @@ def leaked_lines(instructor: NotebookNode, student: NotebookNode) -> list[str]:
     return leaked
 
 
-def _write_atomically(nb: NotebookNode, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            nbformat.write(nb, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def assign(instructor_path: Path | str, student_path: Path | str,
            grade_fn: GradeFn) -> NotebookNode:
     """Check the instructor notebook, then write the student notebook; returns it.
@@ -199,5 +187,5 @@ def assign(instructor_path: Path | str, student_path: Path | str,
             f"{len(leaked)} solution line(s) would still be in the student notebook (a marker "
             f"mistyped, or solution code repeated outside its region):\n  {shown}{more}")
     nbformat.validate(student)
-    _write_atomically(student, student_path)
+    atomic.write(student_path, nbformat.writes(student))
     return student

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from grader import execute, export, overrides, pipeline, report
 from grader.results import GradeResult, Submission
+from reference import atomic
 
 RESULT_NAME = "result.json"
 REPORT_NAME = "report.html"
@@ -120,7 +121,7 @@ def write_result(result: GradeResult, layout: Layout) -> None:
     path = layout.result(result.submission_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     report.write_report(result, layout.report(result.submission_id))
-    export.atomic_write_text(path, json.dumps(result.to_json(), indent=1))
+    atomic.write(path, json.dumps(result.to_json(), indent=1))
 
 
 def grade_all(submissions: list[Submission], config: pipeline.Config, out: Path, jobs: int,
@@ -181,7 +182,8 @@ def _students(submissions: list[Submission]) -> export.Students:
 def time_limit(config: pipeline.Config) -> float:
     """Seconds a worker may spend on one submission: the notebook's time limit, a cell's for each
     of the grader's set-up and probe code, and :data:`GRADER_MARGIN`."""
-    return config.rubric.notebook_timeout + 2 * config.rubric.cell_timeout + GRADER_MARGIN
+    limits = config.rubric.limits
+    return limits.notebook_timeout + 2 * limits.cell_timeout + GRADER_MARGIN
 
 
 def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int) -> Iterable[GradeResult]:

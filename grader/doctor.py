@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grader import cgroups, sandbox
-from grader.execute import Limits
+from grader.limits import Limits
 
 _TMPFS_PROBE_BYTES = 1 << 20
 

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -46,9 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from grader.results import GradeResult, ScoredCheck
+from reference import atomic
 
 __all__ = ["write_exports", "gradebook_csv", "gradescope_json", "write_gradescope", "junit_xml", "canvas_csv",
-           "moodle_csv", "atomic_write_text", "hidden_output", "visible_output", "points"]
+           "moodle_csv", "hidden_output", "visible_output", "points"]
 
 GRADEBOOK = "gradebook.csv"
 GRADESCOPE = "results.json"
@@ -66,26 +66,6 @@ MAX_OUTPUT_CHARS = 20_000  # per text field taken from a notebook (tracebacks ca
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 # A spreadsheet reads a cell starting with one of these as a formula.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding=encoding, newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _clip(text: str | None, limit: int = MAX_OUTPUT_CHARS) -> str:
@@ -224,7 +204,7 @@ def gradescope_json(result: GradeResult) -> dict[str, Any]:
 
 def write_gradescope(result: GradeResult, path: Path) -> None:
     """:func:`gradescope_json` of ``result``, written atomically to ``path``."""
-    atomic_write_text(path, json.dumps(gradescope_json(result), indent=2, ensure_ascii=False) + "\n")
+    atomic.write(path, json.dumps(gradescope_json(result), indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,14 +348,14 @@ def write_exports(results: list[GradeResult], out_dir: Path, rubric_check_names:
     if len(dirs) != len(results):
         raise ValueError("two results share a submission id")
     written = [out_dir / GRADEBOOK]
-    atomic_write_text(written[-1], gradebook_csv(results, rubric_check_names))
+    atomic.write(written[-1], gradebook_csv(results, rubric_check_names))
     for r in results:
         written.append(out_dir / dirs[r.submission_id] / GRADESCOPE)
         write_gradescope(r, written[-1])
     written.append(out_dir / JUNIT)
-    atomic_write_text(written[-1], junit_xml(results, rubric_check_names))
+    atomic.write(written[-1], junit_xml(results, rubric_check_names))
     written.append(out_dir / CANVAS)
-    atomic_write_text(written[-1], canvas_csv(results, title, students))
+    atomic.write(written[-1], canvas_csv(results, title, students))
     written.append(out_dir / MOODLE)
-    atomic_write_text(written[-1], moodle_csv(results, students))
+    atomic.write(written[-1], moodle_csv(results, students))
     return written

@@ -33,7 +33,6 @@ results folder.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from grader import intake, report
 from grader.export import GRADESCOPE, write_gradescope
 from grader.results import GradeResult, Submission
 from reference import spec as specs
+from reference import atomic
 from reference.provision import PROFILE_FILE, RAW_FILES, Provisioned
 
 __all__ = ["BuildError", "build", "run", "find_submission"]
@@ -128,25 +128,17 @@ def build(out: Path, *, provisioned: Provisioned, dataset: str, spec: specs.Spec
                                                 wheel=shlex.quote(wheel.name)),
                    "provision_data.sh": PROVISION.substitute(dataset=shlex.quote(dataset)),
                    "run_autograder": RUN.substitute(dataset=shlex.quote(dataset), root_variable=ROOT_VARIABLE)}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                for name, text in scripts.items():
-                    _write_executable(archive, name, text)
-                archive.write(wheel, wheel.name)
-                archive.writestr("spec.json", specs.dumps(spec.content))
-                archive.write(rubric, "rubric.toml")
-                dataset_dir = provisioned.root / provisioned.torchvision_class
-                archive.write(dataset_dir / PROFILE_FILE, f"data/{provisioned.torchvision_class}/{PROFILE_FILE}")
-                for name in RAW_FILES:
-                    archive.write(dataset_dir / "raw" / name, f"data/{provisioned.torchvision_class}/raw/{name}")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic.replacing(out, binary=True) as file, \
+                zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, text in scripts.items():
+                _write_executable(archive, name, text)
+            archive.write(wheel, wheel.name)
+            archive.writestr("spec.json", specs.dumps(spec.content))
+            archive.write(rubric, "rubric.toml")
+            dataset_dir = provisioned.root / provisioned.torchvision_class
+            archive.write(dataset_dir / PROFILE_FILE, f"data/{provisioned.torchvision_class}/{PROFILE_FILE}")
+            for name in RAW_FILES:
+                archive.write(dataset_dir / "raw" / name, f"data/{provisioned.torchvision_class}/raw/{name}")
     return out
 
 

@@ -28,9 +28,10 @@ import numpy as np
 
 import grader
 import reference
-from grader import checks, execute, export, probe
+from grader import checks, execute, probe
 from grader.results import CellRun, CheckResult, Execution, GradeResult, Submission
 from grader.score import Rubric, score
+from reference import atomic
 from reference.provision import Provisioned
 from reference.spec import Spec
 
@@ -66,8 +67,7 @@ class Config:
     hide: tuple[Path, ...] = ()  # besides what execute always hides: the grader, reference and checkout
 
     def sandboxing(self) -> execute.Sandboxing:
-        limits = execute.Limits(cell_timeout=self.rubric.cell_timeout,
-                                notebook_timeout=self.rubric.notebook_timeout, threads=self.threads)
+        limits = dataclasses.replace(self.rubric.limits, threads=self.threads)
         return execute.Sandboxing(data_root=self.provisioned.root, limits=limits,
                                   hide=(*self.hide, self.runs_dir), uid=self.uid, isolation=self.isolation)
 
@@ -156,8 +156,7 @@ def run_key(submission: Submission, config: Config) -> dict[str, Any]:
     return {"notebook_sha256": submission.sha256, "spec_version": config.spec.version,
             "engine": engine_digest(), "profile": config.provisioned.profile,
             "fast_data": config.fast_data, "seed": config.seed,
-            "model_file": config.rubric.model_file, "cell_timeout": config.rubric.cell_timeout,
-            "notebook_timeout": config.rubric.notebook_timeout,
+            "model_file": config.rubric.model_file, "limits": dataclasses.asdict(config.rubric.limits),
             "isolation": isolation_available(config.isolation)}
 
 
@@ -268,7 +267,7 @@ def run(submission: Submission, config: Config, kernels: execute.Kernels | None 
         # The probe's inputs are drawn once the cells have run: they were never there to read. They
         # go in with the code, and the answer comes back on a socket in the grader's own directory.
         plan = probe.make_plan(*dataset(config))
-        channel = probe.Channel(kernel.channel_dir, plan.nonce, timeout=config.rubric.cell_timeout + 10)
+        channel = probe.Channel(kernel.channel_dir, plan.nonce, timeout=config.rubric.limits.cell_timeout + 10)
         probed.append((plan, channel))
         return probe.probe_code(plan, kernel.inner_channel_dir)
 
@@ -445,4 +444,4 @@ def _execution_from_json(raw: dict[str, Any], directory: Path) -> Execution:
 
 
 def _write_json(path: Path, content: Any) -> None:
-    export.atomic_write_text(path, json.dumps(content))
+    atomic.write(path, json.dumps(content))

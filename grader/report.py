@@ -26,10 +26,10 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup
 
-from grader.export import atomic_write_text
 from grader.overrides import TOTAL
 from grader.resources import TEMPLATES_DIR
 from grader.results import CellRun, GradeResult, ScoredCheck
+from reference import atomic
 
 __all__ = ["render_report", "write_report", "render_summary", "write_summary", "fmt_points"]
 
@@ -328,7 +328,7 @@ def render_report(result: GradeResult) -> str:
 def write_report(result: GradeResult, path: str | Path) -> Path:
     """Render the report and write it atomically (a temporary file, then ``os.replace``)."""
     path = Path(path)
-    atomic_write_text(path, render_report(result))
+    atomic.write(path, render_report(result))
     return path
 
 
@@ -439,5 +439,5 @@ def render_summary(results: list[GradeResult], report_links: dict[str, str]) -> 
 def write_summary(results: list[GradeResult], report_links: dict[str, str],
                   path: str | Path) -> Path:
     path = Path(path)
-    atomic_write_text(path, render_summary(results, report_links))
+    atomic.write(path, render_summary(results, report_links))
     return path

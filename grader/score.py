@@ -6,7 +6,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from grader import limits as limits_
 from grader.checks import CHECKS
+from grader.limits import Limits
 from grader.results import CheckResult, ScoredCheck
 
 
@@ -29,8 +31,7 @@ class Rubric:
     sha256: str
     title: str
     model_file: str
-    cell_timeout: float
-    notebook_timeout: float
+    limits: Limits
     entries: tuple[RubricEntry, ...]
 
     @property
@@ -63,11 +64,14 @@ def load_rubric(path: Path) -> Rubric:
             raise RubricError(f"{path}: [checks.{name}] visibility must be \"visible\" or \"hidden\"")
         entries.append(RubricEntry(name, str(table.get("title", name)), float(points), visibility,
                                    bool(table.get("partial", False))))
-    rubric, limits = document.get("rubric", {}), document.get("limits", {})
+    rubric = document.get("rubric", {})
+    try:
+        limits = limits_.from_table(document.get("limits", {}))
+    except (ValueError, AttributeError) as error:
+        raise RubricError(f"{path}: [limits]: {error}") from None
     return Rubric(path=path, sha256=hashlib.sha256(raw).hexdigest(),
                   title=str(rubric.get("title", "Lab")), model_file=str(rubric.get("model_file", "mnist_cnn.pt")),
-                  cell_timeout=float(limits.get("cell_timeout", 120)),
-                  notebook_timeout=float(limits.get("notebook_timeout", 900)), entries=tuple(entries))
+                  limits=limits, entries=tuple(entries))
 
 
 def score(results: list[CheckResult], rubric: Rubric) -> tuple[ScoredCheck, ...]:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from reference import atomic
 
 __all__ = ["IdxError", "IdxKind", "encode_idx", "parse_idx", "read_idx", "write_idx"]
 
@@ -122,13 +123,4 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
     data = encode_idx(array)
     if path.suffix == ".gz":
         data = gzip.compress(data, mtime=0)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        # mkstemp makes 0600 files; a sandboxed notebook reads them as another, unprivileged user.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write(path, data)

@@ -50,6 +50,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from reference import atomic
+
 from reference.idx import IdxKind, encode_idx, read_idx, write_idx
 
 __all__ = [
@@ -455,11 +457,7 @@ def _install(root: Path, profile: str, torchvision_class: str, source: str, arra
         "is_sample": result.is_sample,
         "sha256": hashes,
     }
-    fd, tmp = tempfile.mkstemp(dir=record_path.parent, prefix=f".{PROFILE_FILE}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, record_path)
+    atomic.write(record_path, json.dumps(record, indent=2) + "\n")
     _make_readable(root, torchvision_class)
     return result
 

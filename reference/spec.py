@@ -29,14 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reference.provision import RAW_FILES, cache_home
+from reference import atomic
 
 if TYPE_CHECKING:
     from reference.provision import Provisioned
@@ -177,13 +176,7 @@ def dumps(content: dict[str, Any]) -> str:
 
 
 def write(content: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name: two graders deriving the same spec at once must not mix their bytes.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(dumps(content))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic.write(path, dumps(content))  # two graders may derive the same spec at once
 
 
 def path_for(profile: str) -> Path:

@@ -21,7 +21,8 @@ import nbformat
 import pytest
 from nbformat import v4
 
-from grader import batch, execute, intake, pipeline
+from grader import batch, intake, pipeline
+from grader.execute.client import GradingClient
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,7 +98,7 @@ def test_comm_messages_count_against_the_output_cap_and_are_not_kept():
     notebook = v4.new_notebook(cells=[v4.new_code_cell("")])
     cell = notebook.cells[0]
     killed: list[str] = []
-    client = execute._make_client_class()(notebook, None, output_bytes=15_000, killer=killed.append)
+    client = GradingClient(notebook, None, output_bytes=15_000, killer=killed.append)
     try:
         # What ipywidgets sends for an Output widget: nbclient would keep its state and route output to it.
         widget = {"_model_name": "OutputModel", "_model_module": "@jupyter-widgets/output",
@@ -193,8 +194,8 @@ def test_a_worker_that_hangs_or_dies_costs_only_its_submission(grading_config, t
     for name in ("alice", "dies", "hangs", "bob"):
         (tmp_path / f"{name}.ipynb").write_bytes(_notebook("x = 1"))
     base = grading_config(runs_dir=tmp_path / "out" / ".runs")
-    config = dataclasses.replace(base, rubric=dataclasses.replace(base.rubric, notebook_timeout=10,
-                                                                  cell_timeout=5))
+    limits = dataclasses.replace(base.rubric.limits, notebook_timeout=10, cell_timeout=5)
+    config = dataclasses.replace(base, rubric=dataclasses.replace(base.rubric, limits=limits))
     submissions = intake.collect([tmp_path / f"{name}.ipynb" for name in ("alice", "dies", "hangs", "bob")])
     results = {r.submission_id: r for r in batch._in_workers(submissions, config, 2, _grade_unless_told)}
     assert set(results) == {"alice", "dies", "hangs", "bob"}

@@ -157,10 +157,10 @@ def test_engine_digest_covers_every_module_that_can_change_a_verdict():
     import reference
 
     roots = (Path(grader.__file__).parent, Path(reference.__file__).parent)
-    covered = {p.relative_to(p.parents[1]).as_posix() for p in pipeline.code_files(*roots)}
-    for module in ("grader/pipeline.py", "grader/results.py", "grader/execute.py", "grader/sandbox.py",
-                   "grader/checks.py", "grader/saved_model.py", "reference/idx.py", "reference/provision.py",
-                   "reference/training.py"):
+    covered = {p.relative_to(roots[0].parent).as_posix() for p in pipeline.code_files(*roots)}
+    for module in ("grader/pipeline.py", "grader/results.py", "grader/execute/run.py", "grader/execute/outcome.py",
+                   "grader/limits.py", "grader/probe/inkernel.py", "grader/sandbox.py", "grader/checks.py",
+                   "grader/saved_model.py", "reference/idx.py", "reference/provision.py", "reference/training.py"):
         assert module in covered
     assert "grader/report.py" not in covered and "grader/figures.py" not in covered
 
@@ -212,7 +212,8 @@ def test_changed_execution_settings_invalidate_the_run(cached, no_execution, cha
 
 
 def test_changed_limits_or_model_file_invalidate_the_run(cached, no_execution):
-    for change in ({"cell_timeout": 60}, {"model_file": "other.pt"}):
+    rubric = cached.config.rubric
+    for change in ({"limits": dataclasses.replace(rubric.limits, cell_timeout=60)}, {"model_file": "other.pt"}):
         rubric = dataclasses.replace(cached.config.rubric, **change)
         assert pipeline.load_run(_submission(cached), dataclasses.replace(cached.config, rubric=rubric)) is None
 
@@ -309,10 +310,8 @@ KEY_CHANGES = {
     "seed": lambda submission, config: (submission, dataclasses.replace(config, seed=config.seed + 1)),
     "model_file": lambda submission, config: (submission, dataclasses.replace(
         config, rubric=dataclasses.replace(config.rubric, model_file="other.pt"))),
-    "cell_timeout": lambda submission, config: (submission, dataclasses.replace(
-        config, rubric=dataclasses.replace(config.rubric, cell_timeout=config.rubric.cell_timeout + 1))),
-    "notebook_timeout": lambda submission, config: (submission, dataclasses.replace(
-        config, rubric=dataclasses.replace(config.rubric, notebook_timeout=config.rubric.notebook_timeout + 1))),
+    "limits": lambda submission, config: (submission, dataclasses.replace(config, rubric=dataclasses.replace(
+        config.rubric, limits=dataclasses.replace(config.rubric.limits, memory_bytes=1 << 30)))),
     "isolation": lambda submission, config: (submission, dataclasses.replace(config, isolation="subprocess")),
 }
 
