@@ -98,6 +98,9 @@ def _grading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fast-data", dest="fast_data", action="store_false",
                         help="serve dataset items through torchvision's stock PIL path")
     parser.add_argument("--isolation", choices=("auto", "bubblewrap", "subprocess"), default="auto")
+    parser.add_argument("--no-preload", dest="preload", action="store_false",
+                        help="start each kernel cold, without torch, torchvision and matplotlib imported "
+                        "ahead (each result says which it had)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per kernel (default: 1; "
                         "capped so that jobs x threads never exceeds the cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -183,7 +186,7 @@ def _config(args: argparse.Namespace, out: Path, jobs: int = 1, runs_dir: Path |
     hide = tuple(p.resolve() for p in getattr(args, "paths", ()))  # other students' submissions
     return pipeline.Config(provisioned=provisioned, spec=loaded_spec, rubric=rubric,
                            runs_dir=(runs_dir or batch.Layout(out).runs).resolve(), threads=_threads(args.threads, jobs),
-                           fast_data=args.fast_data, isolation=args.isolation, hide=hide)
+                           fast_data=args.fast_data, isolation=args.isolation, hide=hide, preload=args.preload)
 
 
 def _require_isolation(isolation: str) -> None:

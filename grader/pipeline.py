@@ -65,11 +65,13 @@ class Config:
     isolation: str = "auto"
     uid: int = 65534
     hide: tuple[Path, ...] = ()  # besides what execute always hides: the grader, reference and checkout
+    preload: bool = True  # kernels start warm: execute.PRELOAD imported before the first cell
 
     def sandboxing(self) -> execute.Sandboxing:
         limits = dataclasses.replace(self.rubric.limits, threads=self.threads)
         return execute.Sandboxing(data_root=self.provisioned.root, limits=limits,
-                                  hide=(*self.hide, self.runs_dir), uid=self.uid, isolation=self.isolation)
+                                  hide=(*self.hide, self.runs_dir), uid=self.uid, isolation=self.isolation,
+                                  preload=execute.PRELOAD if self.preload else ())
 
 
 @dataclass(frozen=True)
@@ -339,6 +341,7 @@ def judge(submission: Submission, the_run: Run, config: Config, started: float) 
         output_truncated=the_run.execution.output_truncated,
         network_blocked=the_run.execution.network_blocked,
         isolation=the_run.execution.isolation, fast_data=the_run.execution.fast_data,
+        preloaded=the_run.execution.preloaded,
         data_profile=config.provisioned.profile, spec_version=config.spec.version,
         spec_source=config.spec.source,
         rubric_sha256=config.rubric.sha256, seconds=round(time.monotonic() - started, 3),
@@ -439,6 +442,7 @@ def _execution_json(execution: Execution) -> dict[str, Any]:
 def _execution_from_json(raw: dict[str, Any], directory: Path) -> Execution:
     fields = {**raw, "cells": tuple(CellRun(**c) for c in raw["cells"]),
               "network_blocked": tuple(raw.get("network_blocked", ())),
+              "preloaded": tuple(raw.get("preloaded", ())),
               "executed_notebook": directory / "executed.ipynb"}
     return Execution(**fields)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 HIDDEN_MESSAGE = "A hidden check: your instructor sees its message."
 
 
@@ -67,6 +67,7 @@ class Execution:
     workdir: Path | None = None
     probe_error: str | None = None  # the epilogue (probe) code's error text, if it failed
     fast_data: bool = False
+    preloaded: tuple[str, ...] = ()  # modules the kernel had imported before the first cell
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,9 @@ class GradeResult:
     # are final, ``automatic_score`` is the score the grader gave (None when nothing is overridden).
     overrides: tuple[Override, ...] = ()
     automatic_score: float | None = None
+    # Modules the kernel had imported before the notebook's first cell (a warm kernel); empty for a
+    # cold one (``--no-preload``) or a run kept from before 1.4.
+    preloaded: tuple[str, ...] = ()
     schema_version: str = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -163,6 +167,7 @@ class GradeResult:
                                for c in data.get("checks", ()))
         data["cells"] = tuple(CellRun(**c) for c in data.get("cells", ()))
         data["integrity"] = tuple(data.get("integrity", ()))
+        data["preloaded"] = tuple(data.get("preloaded", ()))
         data["overrides"] = tuple(Override(**o) for o in data.get("overrides", ()))
         if "network_blocked" in data:
             data["network_blocked"] = tuple(data["network_blocked"])

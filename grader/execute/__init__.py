@@ -34,13 +34,13 @@ from typing import Sequence
 import nbformat
 
 from grader.execute.client import INTERRUPT_GRACE
-from grader.execute.kernels import Kernel, Kernels, Sandboxing
+from grader.execute.kernels import PRELOAD, Kernel, Kernels, Sandboxing
 from grader.execute.processes import children_by_parent
 from grader.limits import Limits
 from grader.results import Execution
 
-__all__ = ["INTERRUPT_GRACE", "Execution", "Kernel", "Kernels", "Limits", "Sandboxing", "children_by_parent",
-           "execute"]
+__all__ = ["INTERRUPT_GRACE", "PRELOAD", "Execution", "Kernel", "Kernels", "Limits", "Sandboxing",
+           "children_by_parent", "execute"]
 
 
 def execute(

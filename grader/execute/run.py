@@ -195,4 +195,5 @@ class _NotebookRun:
             status=self.status, cells=tuple(cells[i] for i in sorted(cells)), isolation=self.kernel.isolation,
             seconds=round(time.monotonic() - self.t0, 3), reason=reason,
             output_truncated=self.client.output_truncated, network_blocked=outcome.network_blocked(self.nb, cells),
-            executed_notebook=executed, workdir=self.kernel.workdir, probe_error=self.probe_error)
+            executed_notebook=executed, workdir=self.kernel.workdir, probe_error=self.probe_error,
+            preloaded=self.kernel.sandboxing.preload)
