@@ -14,14 +14,15 @@ are the provided dataset's, an output the grader recomputes from net's own weigh
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from grader.probe import (BATCH_SIZE, DATASETS, LOSS_FACTOR, MODEL_BATCH, TEST_BATCHES, TRAIN_BATCHES, Answers,
-                          DatasetAnswer, FunctionAnswer, ModelAnswer, Plan, Problem, Value)
+from grader.probe import (BATCH_SIZE, DATASETS, LOADERS, LOSS_FACTOR, MODEL_BATCH, TEST_BATCHES, TRAIN_BATCHES,
+                          Answers, DatasetAnswer, FunctionAnswer, LoaderAnswer, ModelAnswer, Plan, Problem, Value)
 from grader.results import CheckResult, Execution
 
 if TYPE_CHECKING:  # the checks compute with numpy; importing torch would cost every regrade seconds
@@ -44,6 +45,20 @@ IMAGE_SIDE = 28
 
 
 @dataclass(frozen=True)
+class Provided:
+    """What grading gave the notebook besides its cells, so a message can tell the student's error
+    from what the grading environment lacks. ``datasets``: torchvision classes under ./data;
+    ``packages``: the rubric's declared packages with the installed version (None: missing);
+    ``modules``: (import name, declared package) pairs."""
+
+    datasets: tuple[str, ...] = ("MNIST",)
+    graded_dataset: str = "MNIST"
+    support_files: tuple[str, ...] = ()
+    packages: tuple[tuple[str, str | None], ...] = ()
+    modules: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Evidence:
     spec: Spec
     execution: Execution
@@ -53,6 +68,7 @@ class Evidence:
     notebook: nbformat.NotebookNode | None
     plan: Plan | None = None
     unanswered: str | None = None  # why ``probe`` is None, when the channel says
+    provided: Provided = Provided()
 
 
 @dataclass(frozen=True)
@@ -179,22 +195,127 @@ def _graph_warning(section: FunctionAnswer) -> tuple[str, ...]:
 
 @check
 def check_notebook_runs(evidence: Evidence) -> Verdict:
+    """A cell that only downloads a file the instructor provides is not held against the student."""
     cells = evidence.execution.cells
     if not cells:
         return Verdict(0.0, f"The notebook did not run: {evidence.execution.reason}.")
-    bad = [c for c in cells if c.status != "ok"]
+    provided = _provided_downloads(evidence)
+    bad = [c for c in cells if c.status != "ok" and c.number not in provided]
+    modules, datasets = _module_notes(evidence, bad), _dataset_notes(evidence, bad)
+    notes = [_support_note(name, sorted(n for n, f in provided.items() if f == name))
+             for name in dict.fromkeys(provided.values())]
+    notes += [*modules.values(), *dict.fromkeys(datasets.values())]
+    explained = {*provided, *modules, *datasets}
+    network = [entry for entry in evidence.execution.network_blocked if _cell_number(entry) not in explained]
+    if network and bad:
+        notes.append("Grading runs without network access, so downloads and pip installs fail ("
+                     + "; ".join(network[:3]) + "): use only the packages installed and the dataset in ./data.")
+    tail = "".join(" " + note for note in notes)
     if not bad:
-        return Verdict(1.0, f"All {len(cells)} code cells ran without errors.")
-    shown = "; ".join(f"cell {c.index + 1}: {c.status}" + (f" ({c.error})" if c.error else "") for c in bad[:5])
+        excused = len(cells) - sum(c.status == "ok" for c in cells)
+        ran = (f"All {len(cells)} code cells ran without errors." if not excused else
+               f"Every code cell ran without errors but {excused} that only downloaded a provided file.")
+        return Verdict(1.0, ran + tail)
+    shown = "; ".join(f"cell {c.number}: {c.status}" + (f" ({c.error})" if c.error else "") for c in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    network = ""
-    if evidence.execution.network_blocked:
-        network = (" Grading runs without network access, so downloads and pip installs fail ("
-                   + "; ".join(evidence.execution.network_blocked[:3]) + "): use only the packages "
-                   "installed and the dataset in ./data.")
     return Verdict((len(cells) - len(bad)) / len(cells),
                    f"{len(bad)} of {len(cells)} code cells did not run cleanly: {shown}{more}. "
-                   f"Restart the kernel and run all cells to reproduce.{network}")
+                   f"Restart the kernel and run all cells to reproduce.{tail}")
+
+
+def _cell_number(network_entry: str) -> int | None:
+    """The cell an entry of ``Execution.network_blocked`` ("cell N: its first line") names."""
+    found = re.match(r"cell (\d+):", network_entry)
+    return int(found.group(1)) if found else None
+
+
+def _sources(evidence: Evidence) -> dict[int, str]:
+    """Each code cell's source by its number, as the executed notebook holds it."""
+    notebook = evidence.notebook
+    return {index + 1: cell.source for index, cell in enumerate(notebook.cells if notebook else ())
+            if cell.cell_type == "code"}
+
+
+# A line that fetches something: a shell download, or Python's urllib and requests.
+DOWNLOAD = re.compile(r"^\s*[!%]\s*(wget|curl)\b|urlretrieve|urlopen|requests\.get|https?://", re.M)
+
+
+def _provided_downloads(evidence: Evidence) -> dict[int, str]:
+    """Cells whose every download fetches a support file (by cell number: the file's name)."""
+    found = {}
+    for number, source in _sources(evidence).items():
+        lines = [line for line in source.splitlines() if DOWNLOAD.search(line)]
+        names = [name for name in evidence.provided.support_files if lines and all(name in line for line in lines)]
+        if names:
+            found[number] = names[0]
+    return found
+
+
+def _support_note(name: str, numbers: list[int]) -> str:
+    where = ", ".join(map(str, numbers))
+    return (f"{name} is provided by the instructor; the download is not needed (cell{'s' * (len(numbers) > 1)} "
+            f"{where}: grading runs without network access, and {name} is already in the notebook's folder).")
+
+
+MISSING_MODULE = re.compile(r"^ModuleNotFoundError: No module named '([\w.]+)'")
+
+
+def _module_notes(evidence: Evidence, bad: list) -> dict[int, str]:
+    """What to tell about each cell that imports a module grading lacks, by cell number."""
+    declared = dict(evidence.provided.packages)
+    package_of = dict(evidence.provided.modules)
+    notes = {}
+    for cell in bad:
+        found = MISSING_MODULE.match(cell.error or "")
+        if not found:
+            continue
+        module = found.group(1).split(".")[0]
+        package = package_of.get(module) or next((p for p in declared if _normal(p) == _normal(module)), None)
+        if package is not None and declared.get(package) is None:
+            notes[cell.number] = (f"Cell {cell.number} imports {module}, from the package {package} that the rubric "
+                                  "declares, but the grading machine lacks it: that is not your error; your "
+                                  f"instructor must install it (pip install {package}) and grade again.")
+        elif package is None:
+            notes[cell.number] = (f"Cell {cell.number} imports {module}, which the grading environment does not "
+                                  f"provide, and every cell using it fails too: do without {module}, or ask your "
+                                  "instructor to provide it (an instructor adds the package to the rubric's "
+                                  "[environment] packages).")
+    return notes
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+# torchvision's datasets a notebook of this lab may load, as a call: the class name.
+DATASET_CALL = re.compile(r"\b(FashionMNIST|KMNIST|EMNIST|QMNIST|MNIST|CIFAR10|CIFAR100|SVHN|STL10)\s*\(")
+
+
+def _loaded_datasets(source: str) -> list[str]:
+    return list(dict.fromkeys(DATASET_CALL.findall(source)))
+
+
+def _dataset_notes(evidence: Evidence, bad: list) -> dict[int, str]:
+    """A failed cell that loads a dataset grading does not provide, by cell number: one sentence."""
+    sources = _sources(evidence)
+    provided = evidence.provided
+    notes = {}
+    for cell in bad:
+        missing = [name for name in _loaded_datasets(sources.get(cell.number, "")) if name not in provided.datasets]
+        if missing:
+            notes[cell.number] = (f"This notebook loads {missing[0]}, but this batch provides "
+                                  f"{' and '.join(provided.datasets) or 'no dataset'} under ./data; load "
+                                  f"torchvision.datasets.{provided.graded_dataset}('./data', ...) as the lab asks.")
+    return notes
+
+
+def _other_dataset(evidence: Evidence) -> str:
+    """A sentence when the notebook loads another provided dataset than the one graded, else ""."""
+    loaded = [name for source in _sources(evidence).values() for name in _loaded_datasets(source)]
+    graded = evidence.provided.graded_dataset
+    if not loaded or graded in loaded:
+        return ""
+    return f" This notebook loads {loaded[0]}; the lab is graded on {graded}."
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -248,7 +369,7 @@ def check_data_sizes(evidence: Evidence) -> Verdict:
                             "grader's indices (is it shuffled, or another dataset?), and a length alone earns "
                             "nothing")
     if problems:
-        return Verdict(0.0, "; ".join(problems) + ".")
+        return Verdict(0.0, "; ".join(problems) + "." + _other_dataset(evidence))
     return Verdict(1.0, f"data_train has {sizes['train_size']} and data_test {sizes['test_size']} items, "
                    "the provided dataset's.")
 
@@ -263,6 +384,41 @@ def check_data_samples(evidence: Evidence) -> Verdict:
     return Verdict(1.0, f"Samples are {dataset['sample_shape']} {dataset['sample_dtype']} tensors with "
                    f"intensities in {dataset['min_intensity']}..{dataset['max_intensity']}, the provided "
                    "dataset's images at the grader's indices.")
+
+
+def _split_of(answer: LoaderAnswer, evidence: Evidence) -> str | None:
+    """Which provided split (``train``, ``test``) a loader's dataset is: its length and its labels
+    at the grader's indices, or None when it is neither."""
+    sizes = {"train": evidence.spec.dataset["train_size"], "test": evidence.spec.dataset["test_size"]}
+    return next((split for split, labels in evidence.expected.loader_labels.items()
+                 if answer.length == sizes[split] and list(answer.labels) == labels), None)
+
+
+@check
+def check_data_loaders(evidence: Evidence) -> Verdict:
+    """The loaders hold the splits their names say: a train_loader over the test split trains on
+    the digits the network is then measured on, and every other check would still pass."""
+    problems, trains_on_test = [], False
+    for name, split in zip(LOADERS, ("train", "test")):
+        answer = _answer(evidence, name, name, f"Reading {name}.dataset (its length, or its labels at the "
+                         "grader's indices)")
+        holds = _split_of(answer, evidence)
+        if holds == split:
+            continue
+        source = f"data_{split}"
+        if holds is not None:
+            trains_on_test |= name == "train_loader"
+            problems.append(f"{name} holds the {holds} split ({answer.length} items with the provided {holds} "
+                            f"set's labels at the grader's indices), not the {split} split: build it from {source}")
+        else:
+            problems.append(f"{name}'s dataset ({answer.length} items, a {answer.dataset_type}) is neither the "
+                            f"provided training set nor its test set at the grader's indices: build it from {source}, "
+                            "unshuffled as loaded (let the DataLoader shuffle)")
+    if problems:
+        why = (" The network trains on the digits it is then tested on, so its test accuracy means nothing."
+               if trains_on_test else "")
+        return Verdict(0.0, "; ".join(problems) + "." + why)
+    return Verdict(1.0, "train_loader holds the provided training set and test_loader its test set.")
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -572,6 +728,14 @@ def check_train_uses_arguments(evidence: Evidence) -> Verdict:
     doubled = evidence.probe.train_doubled
     if isinstance(doubled, FunctionAnswer) and _trained_as(doubled.params, evidence, lambda o: o.train_doubled_params):
         return Verdict(1.0, "train uses the optimizer and loss function it is given.")
+    epoch_doubled = evidence.probe.train_epoch_doubled
+    if isinstance(epoch_doubled, FunctionAnswer) and _trained_as(epoch_doubled.params, evidence,
+                                                                 lambda o: o.epoch_params) is not None:
+        # Then train's weights can't show whether it passes loss_fn on: say what was seen, and where.
+        return Verdict(0.5, "train uses the optimizer it is given; "
+                       + _ignored_loss(doubled, evidence, lambda o: o.train_params)
+                       + " train_epoch ignores the loss_fn it is given (see train_epoch_signature), so train "
+                       "can't use it either: compute each batch's loss with loss_fn(output, labels) in train_epoch.")
     return Verdict(0.5, "train uses the optimizer it is given but not the loss function: "
                    + _ignored_loss(doubled, evidence, lambda o: o.train_params)
                    + " Pass loss_fn on to train_epoch and validate.")

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                        "student, check or total, points, comment, by, at), applied on top of the grades; "
                        "kept runs are not run again")
     _grading_options(grade)
+    _support_option(grade)
     grade.set_defaults(command=_grade)
 
     check = commands.add_parser("check", help="check your own notebook; exit 0 only if the visible checks pass")
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--out", type=Path, default=Path("labgrader-report"), help="where the report goes")
     check.add_argument("--min-score", type=float, help="pass when the score reaches this instead")
     _grading_options(check)
+    _support_option(check)
     check.set_defaults(command=_check)
 
     assign = commands.add_parser("assign", help="make the student notebook from the instructor's")
@@ -77,9 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     _grading_options(gradescope)
     gradescope.set_defaults(command=_gradescope)
 
-    doctor = commands.add_parser("doctor", help="say which sandbox this machine gives student notebooks; "
-                                 "exit 0 only if it is bubblewrap")
+    doctor = commands.add_parser("doctor", help="say which sandbox this machine gives student notebooks, and "
+                                 "whether the rubric's packages are installed; exit 0 only if it is bubblewrap")
+    doctor.add_argument("--rubric", type=Path, help="rubric TOML whose packages to look for (default: lab/rubric.toml)")
     doctor.set_defaults(command=_doctor)
+
+    packages = commands.add_parser("packages", help="print the packages the rubric declares grading provides, one "
+                                   "a line (what the set-up installs: labgrader packages | xargs pip install)")
+    packages.add_argument("--rubric", type=Path, help="rubric TOML (default: lab/rubric.toml)")
+    packages.set_defaults(command=_packages)
     return parser
 
 
@@ -104,6 +112,27 @@ def _grading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per kernel (default: 1; "
                         "capped so that jobs x threads never exceeds the cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _support_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--support-file", dest="support_files", type=Path, action="append", default=[],
+                        metavar="PATH", help="a file copied read-only into every notebook's folder before its first "
+                        "cell (a helper the notebooks import); repeatable, added to the rubric's [environment]")
+
+
+def _rubric(args: argparse.Namespace):
+    """The rubric, with the command line's support files added; a bad one is a one-line error."""
+    import dataclasses
+
+    from grader import resources, score
+
+    try:
+        rubric = score.load_rubric(args.rubric or resources.RUBRIC_PATH)
+        extra = getattr(args, "support_files", [])
+        return dataclasses.replace(rubric, environment=rubric.environment.adding(
+            extra, reserved=(rubric.model_file,))) if extra else rubric
+    except (OSError, ValueError) as error:
+        raise UserError(str(error)) from None
 
 
 def _provision(args: argparse.Namespace):
@@ -174,12 +203,12 @@ def _threads(wanted: int, jobs: int) -> int:
 
 
 def _config(args: argparse.Namespace, out: Path, jobs: int = 1, runs_dir: Path | None = None):
-    from grader import batch, pipeline, resources, score
+    from grader import batch, pipeline
 
     _require_isolation(args.isolation)
+    rubric = _rubric(args)  # a missing support file stops at once, before the dataset is prepared
     provisioned = _provision(args)
     try:
-        rubric = score.load_rubric(args.rubric or resources.RUBRIC_PATH)
         loaded_spec = _spec(args, provisioned)
     except (OSError, ValueError) as error:
         raise UserError(str(error)) from None
@@ -202,11 +231,17 @@ def _require_isolation(isolation: str) -> None:
 def _doctor(args: argparse.Namespace) -> int:
     from grader import doctor, sandbox
 
-    lines = doctor.diagnose()
+    lines = doctor.diagnose(_rubric(args).environment.packages)
     width = max(len(line.name) for line in lines)
     for line in lines:
         print(f"{'ok' if line.ok else 'NO':<3} {line.name:<{width}}  {line.detail}")
     return 0 if sandbox.bubblewrap_problem() is None else 1
+
+
+def _packages(args: argparse.Namespace) -> int:
+    for package in _rubric(args).environment.packages:
+        print(package)
+    return 0
 
 
 def _spec(args: argparse.Namespace, provisioned):

@@ -1,17 +1,19 @@
 """``labgrader doctor``: what this machine allows the sandbox, and the isolation grading would record.
 
 Each line is checked here, now, by doing the thing (starting bubblewrap as a job would, mounting a
-tmpfs, asking :mod:`grader.cgroups` for a box's place), not by guessing from versions.
+tmpfs, asking :mod:`grader.cgroups` for a box's place, finding each declared package's modules), not
+by guessing from versions.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from grader import cgroups, sandbox
+from grader import cgroups, sandbox, score
 from grader.limits import Limits
 
 _TMPFS_PROBE_BYTES = 1 << 20
@@ -24,9 +26,24 @@ class Line:
     detail: str
 
 
-def diagnose() -> list[Line]:
+def diagnose(packages: tuple[str, ...] = ()) -> list[Line]:
+    """``packages``: the rubric's declared packages, each reported importable or not."""
     tmpfs = _tmpfs()
-    return [_bwrap(), _user_namespaces(), _sandbox(), _account(), _cgroups(), tmpfs, _isolation(tmpfs)]
+    return [_bwrap(), _user_namespaces(), _sandbox(), _account(), _cgroups(), tmpfs, _isolation(tmpfs),
+            *map(_package, packages)]
+
+
+def _package(name: str) -> Line:
+    """A declared package is importable when it is installed and each module it gives can be found
+    by the interpreter the kernels run (this one: the sandbox shows its packages)."""
+    version = score.package_versions([name])[name]
+    modules = score.import_names(name)
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if version is None or missing:
+        return Line(f"package {name}", False, f"declared in the rubric but not importable here "
+                    f"({'not installed' if version is None else 'no module ' + ', '.join(missing)}): "
+                    f"run ./dev.sh, or pip install {name}")
+    return Line(f"package {name}", True, f"{version}: import {', '.join(modules)}")
 
 
 def _bwrap() -> Line:

@@ -41,6 +41,7 @@ class Expected:
     reference: Outcome
     no_zero_grad: Outcome  # gradients never zeroed: told apart so the message can say so
     data_items: dict[str, list[dict]]  # per dataset: label and pixel sum at the plan's indices
+    loader_labels: dict[str, list[int]]  # per split ("train", "test"): labels at the plan's loader indices
 
     def outcomes(self) -> dict[str, Outcome]:
         """Every way of training the grader recognises as real, by name."""
@@ -59,7 +60,9 @@ def compute(plan: Plan, train: tuple[torch.Tensor, torch.Tensor],
     items = {name: [{"label": int(pool[1][i]), "sum": float(pool[0][i].double().sum())}
                     for i in plan.data_indices[name]]
              for name, pool in (("data_train", train), ("data_test", test))}
-    return Expected(_params(_net(plan)), validate_result, *outcomes, items)
+    loader_labels = {split: [int(pool[1][i]) for i in plan.data_indices["loaders"]]
+                     for split, pool in (("train", train), ("test", test))}
+    return Expected(_params(_net(plan)), validate_result, *outcomes, items, loader_labels)
 
 
 def _outcome(plan: Plan, epoch: EpochFunction) -> Outcome:

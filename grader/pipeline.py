@@ -30,7 +30,7 @@ import grader
 import reference
 from grader import checks, execute, probe
 from grader.results import CellRun, CheckResult, Execution, GradeResult, Submission
-from grader.score import Rubric, score
+from grader.score import Rubric, import_names, package_versions, score
 from reference import atomic
 from reference.provision import Provisioned
 from reference.spec import Spec
@@ -159,7 +159,30 @@ def run_key(submission: Submission, config: Config) -> dict[str, Any]:
             "engine": engine_digest(), "profile": config.provisioned.profile,
             "fast_data": config.fast_data, "seed": config.seed,
             "model_file": config.rubric.model_file, "limits": dataclasses.asdict(config.rubric.limits),
-            "isolation": isolation_available(config.isolation)}
+            "isolation": isolation_available(config.isolation),
+            # What the notebook finds besides the lab's: a changed helper or package regrades it.
+            "support_files": config.rubric.environment.digest(), "packages": declared_packages(config)}
+
+
+def declared_packages(config: Config) -> dict[str, str | None]:
+    """The rubric's declared packages with their installed versions (None: not installed)."""
+    return dict(_versions(config.rubric.environment.packages))
+
+
+@functools.cache
+def _versions(packages: tuple[str, ...]) -> dict[str, str | None]:
+    return package_versions(packages)
+
+
+def put_support_files(config: Config, workdir: Path) -> None:
+    """Copy the instructor's support files into a kernel's work dir before its first cell, read-only
+    (0444): a notebook's own download or write of the same name fails instead of replacing the
+    helper. (The executor hands what is there to the job uid, which could still chmod it: the probe
+    never reads these files, so that changes only what the notebook itself runs.)"""
+    for support in config.rubric.environment.support_files:
+        target = workdir / support.name
+        target.write_bytes(support.content)
+        target.chmod(0o444)
 
 
 @functools.cache
@@ -275,6 +298,7 @@ def run(submission: Submission, config: Config, kernels: execute.Kernels | None 
 
     with kernels.kernel() as kernel:
         notebook = nbformat.reads(submission.notebook.decode(), as_version=4)
+        put_support_files(config, kernel.workdir)
         try:
             execution = kernel.run(notebook, directory, epilogue=epilogue,
                                    prelude=probe.prelude_code(config.seed, config.threads, config.fast_data))
@@ -345,6 +369,7 @@ def judge(submission: Submission, the_run: Run, config: Config, started: float) 
         data_profile=config.provisioned.profile, spec_version=config.spec.version,
         spec_source=config.spec.source,
         rubric_sha256=config.rubric.sha256, seconds=round(time.monotonic() - started, 3),
+        packages=declared_packages(config),
         graded_at=_now(), figures=found.figures, confusion_matrix=found.confusion,
         student_history=history, reference_history=config.spec.content["history"],
         integrity=the_run.integrity)
@@ -385,12 +410,26 @@ def findings(the_run: Run, config: Config) -> Findings:
     notebook = nbformat.read(notebook_path, as_version=4) if notebook_path.is_file() else None
     evidence = checks.Evidence(spec=config.spec, execution=the_run.execution, saved_model=inspected,
                                expected=expected.compute(the_run.plan, train, test), probe=the_run.answers,
-                               notebook=notebook, plan=the_run.plan, unanswered=the_run.received.problem)
+                               notebook=notebook, plan=the_run.plan, unanswered=the_run.received.problem,
+                               provided=provided(config))
     found = Findings(checks.run_checks(evidence), _draw_figures(the_run, inspected, test, config),
                      inspected.confusion)
     _write_json(kept, {"verdicts": [dataclasses.asdict(v) for v in found.verdicts], "figures": found.figures,
                        "confusion": found.confusion, "drawn_by": figures_digest()})
     return found
+
+
+def provided(config: Config) -> checks.Provided:
+    """What grading gave the notebook besides its own cells, for the checks' messages."""
+    from reference import provision
+
+    packages = config.rubric.environment.packages
+    return checks.Provided(
+        datasets=tuple(p.torchvision_class for p in provision.datasets_in(config.provisioned.root)),
+        graded_dataset=config.provisioned.torchvision_class,
+        support_files=tuple(f.name for f in config.rubric.environment.support_files),
+        packages=tuple(declared_packages(config).items()),
+        modules=tuple((module, package) for package in packages for module in import_names(package)))
 
 
 def _draw_figures(the_run: Run, inspected, test, config: Config) -> dict[str, str]:

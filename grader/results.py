@@ -125,6 +125,9 @@ class GradeResult:
     spec_version: str | None = None
     spec_source: str | None = None  # "committed", "derived (<cache path>)" or "pinned (<path>)"
     rubric_sha256: str | None = None
+    # The packages the rubric declares the grading environment provides ([environment] packages),
+    # each with the version installed when the notebook ran (None: declared but not installed).
+    packages: dict[str, str | None] = field(default_factory=dict)
     seconds: float = 0.0
     graded_at: str = ""
     # For the report only (never for the score): the learning curves the student's train() produced

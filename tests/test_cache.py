@@ -313,7 +313,16 @@ KEY_CHANGES = {
     "limits": lambda submission, config: (submission, dataclasses.replace(config, rubric=dataclasses.replace(
         config.rubric, limits=dataclasses.replace(config.rubric.limits, memory_bytes=1 << 30)))),
     "isolation": lambda submission, config: (submission, dataclasses.replace(config, isolation="subprocess")),
+    "support_files": lambda submission, config: (submission, _with_environment(
+        config, support_files=(score.SupportFile("helper.py", b"VALUE = 1\n"),))),
+    "packages": lambda submission, config: (submission, _with_environment(
+        config, packages=(*config.rubric.environment.packages, "jinja2"))),
 }
+
+
+def _with_environment(config, **changes):
+    environment = dataclasses.replace(config.rubric.environment, **changes)
+    return dataclasses.replace(config, rubric=dataclasses.replace(config.rubric, environment=environment))
 
 
 def test_the_key_names_every_input_changed_below(cached):

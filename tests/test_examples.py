@@ -1,7 +1,9 @@
 """Every bundled example gets exactly the score, failed checks, messages and warnings that
-lab/examples/expected.toml gives it, graded together as a class would be (two workers)."""
+lab/examples/expected.toml gives it, graded together as a class would be (two workers), with the
+support files expected.toml's [environment] names (what `./dev.sh demo` passes with --support-file)."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -14,7 +16,9 @@ import pytest
 from grader import batch, intake, resources
 from grader.results import GradeResult
 
-EXPECTED = tomllib.loads((resources.EXAMPLES_DIR / "expected.toml").read_text())["examples"]
+DECLARED = tomllib.loads((resources.EXAMPLES_DIR / "expected.toml").read_text())
+EXPECTED = DECLARED["examples"]
+SUPPORT_FILES = [resources.EXAMPLES_DIR / path for path in DECLARED["environment"]["support_files"]]
 pytestmark = pytest.mark.slow
 
 
@@ -22,15 +26,22 @@ def _id(name: str) -> str:
     return intake._slug(name)
 
 
-@pytest.fixture(scope="module")
-def graded(mnist_sample_root, tmp_path_factory):
+def _config(provisioned, out: Path, **changes):
+    import dataclasses
+
     from grader import pipeline, score
     from reference import spec
 
+    rubric = score.load_rubric(resources.RUBRIC_PATH)
+    rubric = dataclasses.replace(rubric, environment=rubric.environment.adding(SUPPORT_FILES))
+    return pipeline.Config(provisioned=provisioned, spec=spec.load(provisioned.profile), rubric=rubric,
+                           runs_dir=out / ".runs", **changes)
+
+
+@pytest.fixture(scope="module")
+def graded(mnist_sample_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("class")
-    config = pipeline.Config(provisioned=mnist_sample_root, spec=spec.load(mnist_sample_root.profile),
-                             rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=out / ".runs",
-                             hide=(resources.EXAMPLES_DIR,))
+    config = _config(mnist_sample_root, out, hide=(resources.EXAMPLES_DIR,))
     results = batch.grade_all(intake.collect([resources.EXAMPLES_DIR]), config, out, jobs=2, progress=False)
     return out, {r.submission_id: r for r in results}
 
@@ -103,11 +114,7 @@ def test_class_exports_are_written(graded):
 def test_rerun_skips_everything_unchanged(graded, mnist_sample_root):
     out, results = graded
     before = {i: (out / i / "result.json").stat().st_mtime_ns for i in results}
-    from grader import pipeline, score
-    from reference import spec
-
-    config = pipeline.Config(provisioned=mnist_sample_root, spec=spec.load(mnist_sample_root.profile),
-                             rubric=score.load_rubric(resources.RUBRIC_PATH), runs_dir=out / ".runs")
+    config = _config(mnist_sample_root, out)
     again = batch.grade_all(intake.collect([resources.EXAMPLES_DIR]), config, out, jobs=2, progress=False)
     assert {r.submission_id: r.score for r in again} == {i: r.score for i, r in results.items()}
     assert {i: (out / i / "result.json").stat().st_mtime_ns for i in results} == before
@@ -121,7 +128,7 @@ def _check(notebook: Path, out: Path, *extra: str) -> subprocess.CompletedProces
 def test_check_passes_the_correct_notebook(tmp_path, mnist_sample_root):
     done = _check(resources.EXAMPLES_DIR / "correct.ipynb", tmp_path, "--root", str(mnist_sample_root.root))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "score 23.5/23.5" in done.stdout and (tmp_path / "correct" / "report.html").is_file()
+    assert "score 24.5/24.5" in done.stdout and (tmp_path / "correct" / "report.html").is_file()
 
 
 def test_check_fails_a_broken_notebook_naming_the_check(tmp_path, mnist_sample_root):
@@ -134,3 +141,55 @@ def test_check_fails_a_broken_notebook_naming_the_check(tmp_path, mnist_sample_r
     done = _check(resources.EXAMPLES_DIR / "mistake_logsoftmax_dim0.ipynb", tmp_path,
                   "--root", str(mnist_sample_root.root), "--min-score", "20")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _code(name: str) -> dict[int, str]:
+    """An example's code cells by the number messages give them (Jupyter's position, from 1)."""
+    notebook = nbformat.read(resources.EXAMPLES_DIR / name, as_version=4)
+    return {index + 1: cell.source for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"}
+
+
+def _message(results, name: str, check: str) -> str:
+    return next(c.message for c in results[_id(name)].checks if c.name == check)
+
+
+def test_the_course_versions_messages_are_true_of_it(graded):
+    """It loses points for exactly what it lacks, and what each message says of it is so."""
+    _, results = graded
+    code = _code("course_pytorchcv.ipynb")
+    runs = _message(results, "course_pytorchcv.ipynb", "notebook_runs")
+    [download] = [number for number, source in code.items() if source.startswith("!wget")]
+    assert f"cell {download}:" in runs and "pytorchcv.py" in code[download]
+    assert "pytorchcv.py" in [path.name for path in SUPPORT_FILES]
+    assert not any("torch.save" in source for source in code.values())  # "No mnist_cnn.pt was saved"
+    assert not any("imshow" in source and "data_train" in source for source in code.values())  # no sample figure
+    # data_sizes passes on data the helper put in builtins: the notebook never assigns it itself
+    assert not any(line.startswith("data_train") for source in code.values() for line in source.splitlines())
+    assert results[_id("course_pytorchcv.ipynb")].packages == {"torchinfo": importlib.metadata.version("torchinfo")}
+
+
+def test_the_other_dataset_sentence_is_true(graded, mnist_sample_root):
+    from reference import provision
+
+    _, results = graded
+    code = _code("mistake_fashion_mnist.ipynb")
+    assert any("FashionMNIST(" in source for source in code.values())
+    assert [p.torchvision_class for p in provision.datasets_in(mnist_sample_root.root)] == ["MNIST"]
+    assert "OSError" in _message(results, "mistake_fashion_mnist.ipynb", "notebook_runs")
+
+
+def test_the_train_on_test_message_is_true(graded, mnist_sample_root):
+    _, results = graded
+    code = _code("mistake_train_on_test.ipynb")
+    assert any("train_loader = torch.utils.data.DataLoader(data_test" in source for source in code.values())
+    message = _message(results, "mistake_train_on_test.ipynb", "data_loaders")
+    assert f"({mnist_sample_root.test_size} items" in message
+
+
+def test_the_ignored_loss_message_is_true(graded):
+    _, results = graded
+    [train_epoch] = [s for s in _code("mistake_ignores_loss_fn.ipynb").values() if s.startswith("def train_epoch")]
+    assert "loss_fn(" not in train_epoch  # "it called that loss_fn 0 times"
+    [train] = [s for s in _code("mistake_ignores_loss_fn.ipynb").values() if s.startswith("def train(")]
+    assert "loss_fn=loss_fn" in train  # train passes it on: the message blames train_epoch, not train
+    assert "Pass loss_fn on" not in _message(results, "mistake_ignores_loss_fn.ipynb", "train_uses_arguments")

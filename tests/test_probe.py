@@ -30,7 +30,7 @@ from grader.probe import channel as channel_module
 from grader.results import CheckResult, Execution
 
 REPO = Path(__file__).resolve().parent.parent
-PROBE_CHECKS = {"data_sizes", "data_samples", "model_output_shape", "model_log_probs", "train_epoch_signature",
+PROBE_CHECKS = {"data_sizes", "data_samples", "data_loaders", "model_output_shape", "model_log_probs", "train_epoch_signature",
                 "train_epoch_result", "train_epoch_updates", "train_epoch_train_mode", "validate_result",
                 "validate_no_side_effects", "train_history", "train_uses_arguments"}
 
@@ -51,9 +51,10 @@ class Digits(torch.utils.data.Dataset):
 
 _train, _test = torch.load({train!r}), torch.load({test!r})
 data_train, data_test = Digits(_train), Digits(_test)
+train_loader = DataLoader(TensorDataset(*_train), batch_size=64, shuffle=True)
+test_loader = DataLoader(data_test, batch_size=64)
 net = model.make_model(seed=0)
-hist = train(net, DataLoader(TensorDataset(*_train), batch_size=64), DataLoader(TensorDataset(*_test), batch_size=64),
-             epochs=2)
+hist = train(net, train_loader, test_loader, epochs=2)
 """
 # What a notebook may do to the interpreter between its cells and the probe.
 TAMPERING = """
@@ -226,12 +227,32 @@ def test_self_reported_facts_alone_earn_nothing(kernel_side):
     for name in ("data_train", "data_test"):
         for item in raw[name]["ok"]["items"]:
             item["label"], item["sum"] = (item["label"] + 1) % 10, item["sum"] + 1
+    for name in probe.LOADERS:  # the right lengths, with labels the provided splits don't have there
+        raw[name]["ok"]["labels"] = [(label + 1) % 10 for label in raw[name]["ok"]["labels"]]
     state = raw["model"]["ok"]["state"]
     state[0][1] = _zeros((10, 784))  # claimed weights that don't give the claimed output
     verdicts = _verdicts(train, test, plan, probe.parse(raw, plan))
     assert {name for name, verdict in verdicts.items() if verdict.fraction > 0} == set(), verdicts
     assert "not what its own weights compute" in verdicts["model_output_shape"].message
     assert "could not be credited" in verdicts["train_epoch_train_mode"].message
+
+
+def test_a_train_loader_over_the_test_split_is_caught(kernel_side):
+    """What the loaders hold is read in the kernel (length, labels at the grader's indices) and
+    judged outside against the provided splits."""
+    train, test, runs = kernel_side
+    plan, raw = _raw(kernel_side)
+    answers = probe.parse(raw, plan)
+    assert answers.train_loader.length == len(train[0]) and answers.test_loader.length == len(test[0])
+    assert list(answers.train_loader.labels) == [int(train[1][i]) for i in plan.data_indices["loaders"]]
+    raw["train_loader"] = copy.deepcopy(raw["test_loader"])  # DataLoader(data_test, ...) as train_loader
+    verdict = _verdicts(train, test, plan, probe.parse(raw, plan))["data_loaders"]
+    assert verdict.fraction == 0
+    assert verdict.message.startswith(f"train_loader holds the test split ({len(test[0])} items"), verdict.message
+    assert "build it from data_train" in verdict.message and "tested on" in verdict.message
+    del raw["test_loader"]["ok"]["dataset_type"]  # a malformed answer costs its own section only
+    answers = probe.parse(raw, plan)
+    assert isinstance(answers.test_loader, probe.Problem) and not isinstance(answers.train_loader, probe.Problem)
 
 
 def _zeros(shape: tuple[int, ...]) -> dict:

@@ -11,14 +11,14 @@ test)``, ``Channel(kernel.channel_dir, plan.nonce, timeout)``, ``probe_code(plan
 kernel.inner_channel_dir)`` as the epilogue; then ``channel.close()`` gives a :class:`Received`, and
 ``parse(received.message, plan)`` the :class:`Answers` the checks take.
 """
-from grader.probe.answers import (Answers, DatasetAnswer, Figure, FunctionAnswer, HistoryAnswer, ModelAnswer,
-                                  Problem, Value, parse)
+from grader.probe.answers import (Answers, DatasetAnswer, Figure, FunctionAnswer, HistoryAnswer, LoaderAnswer,
+                                  ModelAnswer, Problem, Value, parse)
 from grader.probe.channel import Channel, Received
-from grader.probe.plan import (BATCH_SIZE, DATASETS, EPOCHS, LEARNING_RATE, LOSS_FACTOR, MODEL_BATCH,
+from grader.probe.plan import (BATCH_SIZE, DATASETS, EPOCHS, LEARNING_RATE, LOADERS, LOSS_FACTOR, MODEL_BATCH,
                                TEST_BATCHES, TRAIN_BATCHES, Plan, make_plan)
 from grader.probe.source import prelude_code, probe_code
 
 __all__ = ["Answers", "BATCH_SIZE", "Channel", "DATASETS", "DatasetAnswer", "EPOCHS", "Figure", "FunctionAnswer",
-           "HistoryAnswer", "LEARNING_RATE", "LOSS_FACTOR", "MODEL_BATCH", "ModelAnswer", "Plan", "Problem",
+           "HistoryAnswer", "LEARNING_RATE", "LOADERS", "LOSS_FACTOR", "LoaderAnswer", "MODEL_BATCH", "ModelAnswer", "Plan", "Problem",
            "Received", "TEST_BATCHES", "TRAIN_BATCHES", "Value", "make_plan", "parse", "prelude_code",
            "probe_code"]

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from grader.probe.plan import DATASETS, MAX_STATE_VALUES, Plan
+from grader.probe.plan import DATASETS, LOADERS, MAX_STATE_VALUES, Plan
 
 MAX_TEXT = 4000
 MAX_LIST = 1000
@@ -57,6 +57,17 @@ class DatasetAnswer:
     type: str
     length: int
     items: tuple[Item, ...]  # exactly the plan's indices, in its order
+
+
+@dataclass(frozen=True)
+class LoaderAnswer:
+    """A loader's dataset: its length, and its labels at the plan's loader indices (None past its
+    end, or where a label is not an integer)."""
+
+    type: str
+    dataset_type: str
+    length: int
+    labels: tuple[int | None, ...]  # exactly one per planned index, in its order
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,6 +149,8 @@ class Answers:
     integrity: tuple[str, ...]  # what the probe had to undo in the kernel before and while it ran
     data_train: DatasetAnswer | Problem
     data_test: DatasetAnswer | Problem
+    train_loader: LoaderAnswer | Problem
+    test_loader: LoaderAnswer | Problem
     model: ModelAnswer | Problem
     train_epoch: FunctionAnswer | Problem
     train_epoch_doubled: FunctionAnswer | Problem  # with a loss_fn giving twice NLLLoss
@@ -268,6 +281,16 @@ def _dataset(planned: list[int]) -> Callable[[Any], DatasetAnswer]:
     return parse_dataset
 
 
+def _loader(planned: list[int]) -> Callable[[Any], LoaderAnswer]:
+    def parse_loader(raw: Any) -> LoaderAnswer:
+        fields = _record(raw, type=_text, dataset_type=_text, length=_count,
+                         labels=_list(_optional(_integer), len(planned)))
+        if len(fields["labels"]) != len(planned):
+            raise Malformed(f"{len(fields['labels'])} labels for the {len(planned)} indices asked")
+        return LoaderAnswer(**fields)
+    return parse_loader
+
+
 def _model(raw: Any) -> ModelAnswer:
     fields = _record(raw, type=_text, is_module=_flag, output=_optional(lambda r: _array(r, 100_000)),
                      output_type=_text, state=_optional(_list(_state_entry, 1000)), state_note=_text)
@@ -362,6 +385,7 @@ def parse(raw: Any, plan: Plan) -> Answers:
     raw = raw if isinstance(raw, dict) else {}
     parsers: dict[str, Callable[[Any], Any]] = {
         **{name: _dataset(plan.data_indices[name]) for name in DATASETS},
+        **{name: _loader(plan.data_indices["loaders"]) for name in LOADERS},
         "model": _model, "train_epoch": _function, "train_epoch_doubled": _function, "validate": _function,
         "train": _function, "train_doubled": _function, "history": _history,
         "figures": _list(_figure, 50)}

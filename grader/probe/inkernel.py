@@ -552,6 +552,7 @@ def _probe(payload, guard, figures, user_ns):
     answers = {}
     for name, task, arguments in (
             ("data_train", _probe_dataset, ("data_train",)), ("data_test", _probe_dataset, ("data_test",)),
+            ("train_loader", _probe_loader, ("train_loader",)), ("test_loader", _probe_loader, ("test_loader",)),
             ("model", _probe_model, ()), ("train_epoch", _probe_train_epoch, (1.0,)),
             ("train_epoch_doubled", _probe_train_epoch, (factor,)), ("validate", _probe_validate, ()),
             ("train", _probe_train, (1.0,)), ("train_doubled", _probe_train, (factor,)),
@@ -644,6 +645,17 @@ def _probe_dataset(torch, user_ns, settings, inputs, name):
                         max=float(image.max()), sum=float(image.double().sum()))
         items.append(item)
     return {"type": type(dataset).__name__, "length": int(length), "items": items}
+
+
+def _probe_loader(torch, user_ns, settings, inputs, name):
+    """A loader's dataset, as the notebook built it: its length and its labels at the planned indices
+    (read from the dataset, not by iterating the loader: no shuffling, no batches)."""
+    loader = _lookup(user_ns, name)
+    dataset = loader.dataset  # a loader without one raises: reported as such
+    length = len(dataset)
+    labels = [_label(dataset[index][1]) if index < length else None for index in settings["data_indices"]["loaders"]]
+    return {"type": type(loader).__name__, "dataset_type": type(dataset).__name__, "length": int(length),
+            "labels": labels}
 
 
 def _label(label):

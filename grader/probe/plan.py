@@ -28,6 +28,11 @@ LOSS_FACTOR = 2.0
 # (the lab's network has 7,850; 784 -> 128 -> 10 has 101,770).
 MAX_STATE_VALUES = 250_000
 DATASETS = ("data_train", "data_test")
+# The loaders the notebook trains and validates with: the probe reads their dataset's length and its
+# labels at LOADER_ITEMS indices valid in both splits, which tell the two splits apart (and from
+# anything else) without reading a whole epoch.
+LOADERS = ("train_loader", "test_loader")
+LOADER_ITEMS = 8
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ def make_plan(train: tuple[Any, Any], test: tuple[Any, Any], seed: int | None = 
     data_indices = {
         "data_train": generator.integers(len(train[0]), size=DATA_ITEMS).tolist(),
         "data_test": generator.integers(len(test[0]), size=DATA_ITEMS).tolist(),
+        "loaders": generator.integers(min(len(train[0]), len(test[0])), size=LOADER_ITEMS).tolist(),
     }
     arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
               "model_input": model_x, "init_weight": init_weight, "init_bias": init_bias}
