@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 # only present verdicts already made or start the work (figures.py has its own digest: a change to
 # it redraws kept findings without running the notebook)...
 _PRESENTATION = frozenset({"report.py", "export.py", "figures.py", "cli.py", "assign.py", "doctor.py", "overrides.py",
-                           "resources.py"})
+                           "resources.py", "selfcheck.py"})
 # ...and the libraries that execute the notebook, compute the reference or read what came back.
 _DEPENDENCIES = ("torch", "torchvision", "numpy", "nbclient", "nbformat", "ipykernel", "jupyter_client",
                  "pyzmq", "matplotlib", "mlxtend")

@@ -7,6 +7,7 @@ from inside the wheel.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -16,14 +17,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
-from grader import resources
+from grader import classroom, resources
 from reference import spec
+from test_classroom_reporter import REPORTER_SCHEMA, _classroom_points
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = resources.LAB_DIR / "classroom" / "labgrader.yml"
+JOB = "run-autograding-tests"  # GitHub Classroom's template names its grading job so
+REPORTER = "classroom-resources/autograding-grading-reporter@"
 pytestmark = pytest.mark.slow
 
 
@@ -83,9 +88,13 @@ def _workflow() -> dict:
     return yaml.safe_load(WORKFLOW.read_text())
 
 
+def _steps() -> list[dict]:
+    return _workflow()["jobs"][JOB]["steps"]
+
+
 def _cached_paths(home: Path) -> list[Path]:
     """What the workflow's cache steps restore and save, on a runner whose home is ``home``."""
-    steps = _workflow()["jobs"]["grade"]["steps"]
+    steps = _steps()
     restore, save = ([s["with"]["path"] for s in steps if s.get("uses", "").startswith(f"actions/cache/{a}@")]
                      for a in ("restore", "save"))
     assert len(restore) == len(save) == 1 and restore == save
@@ -97,32 +106,76 @@ class WorkflowRun:
     outputs: dict[str, subprocess.CompletedProcess[str]]  # by step name, for the steps that ran
     summary: str
     cache_key: str
+    reported: dict | None  # what Classroom's reporter decoded, None when it did not run
 
 
 def _run_workflow(repo: Path, env: dict[str, str]) -> WorkflowRun:
     """The workflow's `run` steps in order, as a runner runs them: bash -eo pipefail, a step after
-    a failed one only when it says `if: always()`. The `uses` steps are GitHub's own actions: the
+    a failed one only when it says `if: always()`, each step with a GITHUB_OUTPUT file of its own
+    whose lines become ``steps.<id>.outputs``. The `uses` steps are GitHub's own actions: the
     checkout is ``repo``, setup-python is this Python, and the cache is the runner's home kept
-    between runs with only the cached paths in it (see the test)."""
-    summary, output, github_env = repo / "summary.md", repo / "github-output.txt", repo / "github-env.txt"
-    env = {**env, "GITHUB_STEP_SUMMARY": str(summary), "GITHUB_OUTPUT": str(output), "GITHUB_ENV": str(github_env)}
+    between runs with only the cached paths in it (see the test); Classroom's reporter is
+    :func:`_reporter`."""
+    summary, github_env = repo / "summary.md", repo / "github-env.txt"
+    env = {**env, "GITHUB_STEP_SUMMARY": str(summary), "GITHUB_ENV": str(github_env)}
     outputs: dict[str, subprocess.CompletedProcess[str]] = {}
+    step_outputs: dict[str, dict[str, str]] = {}
     failed = False
-    for step in _workflow()["jobs"]["grade"]["steps"]:
+    for number, step in enumerate(_steps()):
         if "run" not in step or (failed and step.get("if") != "always()"):
             continue
+        output = repo / f"github-output-{number}.txt"
         # pip may ask the index about a dependency even when it is satisfied; the rest runs offline.
         offline = [] if step["name"] == "Install labgrader" else _offline()
         done = subprocess.run(offline + ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
-                              cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+                              cwd=repo, env={**env, "GITHUB_OUTPUT": str(output)}, capture_output=True, text=True,
+                              timeout=900)
         outputs[step["name"]] = done
         failed = failed or done.returncode != 0
+        if "id" in step and output.exists():
+            step_outputs[step["id"]] = dict(line.split("=", 1) for line in output.read_text().splitlines())
         if github_env.exists():  # what a step appends there, the later steps see
             env.update(line.split("=", 1) for line in github_env.read_text().splitlines())
     keyed = outputs.get("Key the cache by what it holds")
     assert keyed is not None and keyed.returncode == 0, {name: done.stdout + done.stderr for name, done in outputs.items()}
-    key = dict(line.split("=", 1) for line in output.read_text().splitlines())["key"]
-    return WorkflowRun(outputs, summary.read_text() if summary.exists() else "", key)
+    return WorkflowRun(outputs, summary.read_text() if summary.exists() else "", step_outputs["cache-key"]["key"],
+                       _reporter(step_outputs))
+
+
+def _reporter(step_outputs: dict[str, dict[str, str]]) -> dict | None:
+    """What ``autograding-grading-reporter`` reads, as its src/main.js reads it: for each step id in
+    its ``runners`` input, base64 JSON in the variable named after the id, upper-cased, plus
+    ``_RESULTS``. The workflow must pass it the output ``result`` of the step that runs
+    ``python -m grader.classroom`` (the name that module writes), and run it only when that step
+    wrote one."""
+    [reporter] = [step for step in _steps() if step.get("uses", "").startswith(REPORTER)]
+    [grading] = [step for step in _steps() if "python -m grader.classroom" in step.get("run", "")]
+    runner = grading["id"]
+    assert reporter["with"] == {"runners": runner}
+    expression = f"${{{{ steps.{runner}.outputs.result }}}}"
+    assert reporter["env"] == {f"{runner.upper()}_RESULTS": expression}
+    assert reporter["if"] == f"always() && steps.{runner}.outputs.result != ''"
+    written = step_outputs.get(runner, {}).get("result", "")
+    if not written:
+        return None
+    return json.loads(base64.b64decode(written, validate=True).decode("utf-8"))
+
+
+def test_reporter_reads_what_grader_classroom_writes(tmp_path, monkeypatch):
+    """The step id, output name and variable the workflow hands the reporter are those that
+    ``python -m grader.classroom`` writes, decoded as the reporter decodes them."""
+    import factories
+
+    result = factories.with_failed_cell("lab")
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result.for_students().to_json()))
+    monkeypatch.setenv("GITHUB_OUTPUT", str(tmp_path / "github-output.txt"))
+    assert classroom.main([str(path)]) == 0
+    written = dict(line.split("=", 1) for line in (tmp_path / "github-output.txt").read_text().splitlines())
+    [grading] = [step for step in _steps() if "python -m grader.classroom" in step.get("run", "")]
+    document = _reporter({grading["id"]: written})
+    jsonschema.validate(document, REPORTER_SCHEMA)
+    assert _classroom_points([document]) == (pytest.approx(result.score), result.max_score)
 
 
 def _student_repo(where: Path, notebook: str) -> Path:
@@ -180,6 +233,10 @@ def test_classroom_workflow_on_full_mnist(installed, wheel, tmp_path):
     assert result["score"] == result["max_score"]
     assert f"### labgrader: {full_marks} points" in first.summary and "PASS" in first.summary
     assert (repo / "labgrader-report" / "lab" / "report.html").is_file()
+    # Classroom gets labgrader's points, one test per check.
+    jsonschema.validate(first.reported, REPORTER_SCHEMA)
+    assert first.reported["status"] == "pass" and len(first.reported["tests"]) == len(result["checks"])
+    assert _classroom_points([first.reported]) == (pytest.approx(result["score"]), result["max_score"])
 
     # Second push, cache restored: nothing derived again; a failing check fails the run.
     repo, second = push("second", "mistake_history_keys.ipynb")
@@ -190,7 +247,14 @@ def test_classroom_workflow_on_full_mnist(installed, wheel, tmp_path):
     assert "FAIL" in second.summary and "train_history" not in second.summary  # titles, not internal names
     assert second.cache_key == first.cache_key  # nothing new to save
     assert set(second.outputs) == {"Install labgrader", "Provision MNIST", "Check the notebook",
-                                   "Key the cache by what it holds"}
+                                   "Points for GitHub Classroom", "Key the cache by what it holds"}
+    # The reporter fails the run too, and gives Classroom the points the result holds.
+    kept = json.loads((repo / "labgrader-report" / "lab" / "result.json").read_text())
+    assert second.reported["status"] == "fail"
+    assert _classroom_points([second.reported]) == (pytest.approx(kept["score"]), kept["max_score"])
+    assert kept["score"] < kept["max_score"]
+    [history] = [t for t in second.reported["tests"] if t["name"].startswith("train returns the history")]
+    assert history["status"] == "fail" and "train_loss" in history["message"]
 
     # Another course pinned a spec in its repository, made from other data: refused, and said so.
     repo, third = push("third", "correct.ipynb", pinned=spec.path_for("mnist-sample"))
@@ -199,3 +263,5 @@ def test_classroom_workflow_on_full_mnist(installed, wheel, tmp_path):
     assert not (home / ".cache" / "labgrader" / "specs").exists()  # nothing derived: the cache key still works
     assert "labgrader: labgrader-spec.json was not made from the mnist data" in check.stdout
     assert "### labgrader: no score points" in third.summary and "made on the mnist-sample profile" in third.summary
+    # No result to report: the points step says nothing, and the reporter does not run.
+    assert third.outputs["Points for GitHub Classroom"].returncode == 0 and third.reported is None

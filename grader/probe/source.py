@@ -36,14 +36,7 @@ def probe_code(plan: Plan, inner_channel_dir: str) -> str:
     The class is looked up among ``object``'s subclasses by attribute access on a literal: no
     builtin, import or name the notebook could have replaced is involved. The prelude made it before
     any cell ran, so it comes first, before any class of the same name a notebook may define."""
-    payload = {
-        "header": channel.header(plan.nonce),
-        "socket": f"{inner_channel_dir.rstrip('/')}/{channel.socket_name(plan.nonce)}",
-        "settings": plan.settings(),
-        "arrays": {name: (str(array.dtype), list(array.shape),
-                          binascii.b2a_base64(array.tobytes(), newline=False).decode())
-                   for name, array in plan.arrays.items()},
-    }
+    payload = probe_payload(plan, f"{inner_channel_dir.rstrip('/')}/{channel.socket_name(plan.nonce)}")
     # The plan is on the first line, far from every line that can raise: a traceback shows a few
     # lines around the failing one, and must not print 1.7 MB of base64.
     return (f"__labgrader_plan = {payload!r}\n" + "#\n" * _SPACING
@@ -54,3 +47,15 @@ def probe_code(plan: Plan, inner_channel_dir: str) -> str:
             "else:\n"
             "    raise RuntimeError(\"labgrader's probe is gone from the kernel: the notebook removed it\")\n"
             "del __labgrader, __labgrader_plan\n")
+
+
+def probe_payload(plan: Plan, socket_path: str) -> dict:
+    """What the probe is called with: the plan as plain literals, and where to send the answer."""
+    return {
+        "header": channel.header(plan.nonce),
+        "socket": socket_path,
+        "settings": plan.settings(),
+        "arrays": {name: (str(array.dtype), list(array.shape),
+                          binascii.b2a_base64(array.tobytes(), newline=False).decode())
+                   for name, array in plan.arrays.items()},
+    }
