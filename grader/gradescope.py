@@ -37,13 +37,14 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from string import Template
 
-from grader import intake, report
+from grader import intake, report, score
 from grader.export import GRADESCOPE, write_gradescope
 from grader.results import GradeResult, Submission
 from reference import spec as specs
@@ -79,6 +80,8 @@ fi
 # CPU-only builds (Gradescope has no GPU), the versions this autograder was built with.
 /opt/labgrader/bin/pip install --no-cache-dir --index-url $index $torch $torchvision
 /opt/labgrader/bin/pip install --no-cache-dir "$$SOURCE"/$wheel
+# The packages the rubric declares grading provides (its [environment] packages).
+/opt/labgrader/bin/labgrader packages --rubric "$$SOURCE/rubric.toml" | xargs -r /opt/labgrader/bin/pip install --no-cache-dir
 ln -sf /opt/labgrader/bin/labgrader /usr/local/bin/labgrader
 "$$SOURCE/provision_data.sh"
 """)
@@ -119,6 +122,7 @@ def build(out: Path, *, provisioned: Provisioned, dataset: str, spec: specs.Spec
 
     ``wheel``: the labgrader wheel to install on Gradescope; without it one is built from this
     checkout with ``pip wheel``."""
+    support = _support_files(rubric)
     with tempfile.TemporaryDirectory(prefix="labgrader-wheel-") as scratch:
         wheel = wheel or _build_wheel(Path(scratch))
         if not wheel.is_file() or not wheel.name.endswith(".whl"):
@@ -135,11 +139,31 @@ def build(out: Path, *, provisioned: Provisioned, dataset: str, spec: specs.Spec
             archive.write(wheel, wheel.name)
             archive.writestr("spec.json", specs.dumps(spec.content))
             archive.write(rubric, "rubric.toml")
+            for path, inside in support:
+                archive.write(path, inside)
             dataset_dir = provisioned.root / provisioned.torchvision_class
             archive.write(dataset_dir / PROFILE_FILE, f"data/{provisioned.torchvision_class}/{PROFILE_FILE}")
             for name in RAW_FILES:
                 archive.write(dataset_dir / "raw" / name, f"data/{provisioned.torchvision_class}/raw/{name}")
     return out
+
+
+def _support_files(rubric: Path) -> list[tuple[Path, str]]:
+    """The rubric's support files, each with its path in the zip: where the rubric names it, beside
+    ``rubric.toml``, so that the rubric reads the same on Gradescope as here."""
+    try:
+        score.load_rubric(rubric)  # a missing or clashing support file: one line, before any work
+        declared = tomllib.loads(rubric.read_text()).get("environment", {}).get("support_files", [])
+    except (OSError, ValueError) as error:
+        raise BuildError(str(error)) from None
+    files = []
+    for name in declared:
+        inside = PurePosixPath(name)
+        if inside.is_absolute() or ".." in inside.parts:
+            raise BuildError(f"{rubric}: support file {name!r} lies outside the rubric's folder; the zip carries "
+                             "support files beside rubric.toml: name them by a path inside that folder")
+        files.append((rubric.parent / name, inside.as_posix()))
+    return files
 
 
 def _write_executable(archive: zipfile.ZipFile, name: str, text: str) -> None:

@@ -144,6 +144,52 @@ def test_build_refuses_a_wheel_that_is_not_one(env, tmp_path):
     assert list(tmp_path.iterdir()) == [fake]  # no zip, no temporary file left
 
 
+def _rubric_with_support(folder: Path, support: str) -> Path:
+    """A copy of the bundled rubric in ``folder`` that names ``support`` as a support file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = resources.RUBRIC_PATH.read_text()
+    assert "support_files = []" in text
+    rubric = folder / "rubric.toml"
+    rubric.write_text(text.replace("support_files = []", f"support_files = [{support!r}]"))
+    return rubric
+
+
+def test_support_files_and_packages_travel_with_the_zip(autograder_zip, env, tmp_path):
+    with zipfile.ZipFile(autograder_zip) as archive:
+        [wheel] = [n for n in archive.namelist() if n.endswith(".whl")]
+        archive.extract(wheel, tmp_path)
+    helper = resources.EXAMPLES_DIR / "support" / "pytorchcv.py"
+    rubric = _rubric_with_support(tmp_path / "course", "helpers/pytorchcv.py")
+    (rubric.parent / "helpers").mkdir()
+    shutil.copy(helper, rubric.parent / "helpers" / "pytorchcv.py")
+    out = tmp_path / "course.zip"
+    built = subprocess.run([str(LABGRADER), "gradescope", "--out", str(out), "--rubric", str(rubric),
+                            "--wheel", str(tmp_path / wheel)], env=env, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stdout + built.stderr
+    unpacked = tmp_path / "source"
+    with zipfile.ZipFile(out) as archive:
+        archive.extractall(unpacked)
+        setup = archive.read("setup.sh").decode()
+    # The helper sits where the zipped rubric names it, and the rubric loads there as here.
+    assert (unpacked / "helpers" / "pytorchcv.py").read_bytes() == helper.read_bytes()
+    loaded = score.load_rubric(unpacked / "rubric.toml")
+    assert [(f.name, f.content) for f in loaded.environment.support_files] == [("pytorchcv.py", helper.read_bytes())]
+    # setup.sh installs the packages the zipped rubric declares, with the pip it installs labgrader with.
+    assert loaded.environment.packages
+    assert ('/opt/labgrader/bin/labgrader packages --rubric "$SOURCE/rubric.toml" | xargs -r '
+            '/opt/labgrader/bin/pip install') in setup
+
+
+def test_a_support_file_outside_the_rubrics_folder_is_refused_in_one_line(env, tmp_path):
+    (tmp_path / "helper.py").write_text("VALUE = 1\n")
+    rubric = _rubric_with_support(tmp_path / "course", "../helper.py")
+    done = subprocess.run([str(LABGRADER), "gradescope", "--out", str(tmp_path / "a.zip"), "--rubric", str(rubric)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "lies outside the rubric's folder" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a.zip").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # run_autograder, as Gradescope runs it
 
