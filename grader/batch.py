@@ -1,16 +1,19 @@
-"""Grade many submissions: parallel workers, a progress bar, resumable, never stopped by one bad
-notebook. Results are written by this (parent) process as each arrives, atomically, so an
-interrupted batch leaves only whole results behind and a re-run picks up where it stopped.
+"""Grade many submissions: on a Dask cluster (:mod:`grader.cluster`; by default a local one of
+``jobs`` worker processes), with a progress bar, resumably, never stopped by one bad notebook.
+Results are written by this (client) process as each arrives, atomically, so an interrupted batch
+leaves only whole results behind and a re-run picks up where it stopped.
 
-Notebooks run in worker processes, never in this one, so that nothing a submission makes the
-grader do can hold up the rest: each submission must be done within :func:`time_limit` of reaching
-its worker. Nothing in the grader should take that long, but a worker that does (stuck reading
-something a student planted, or any other hang of the grader's own) is killed with its kernels.
-Killed so or dead of its own (the out-of-memory killer), it costs only its submission: that gets an
-"error" result blaming the grader, which a rerun grades again (only "graded" results are kept), and
-a new worker takes its place. When this process ends, however it ends, its workers and their
-kernels end too. A killed worker leaves its kernels' temporary directories behind, as a killed
-batch does.
+Notebooks run on the cluster's workers, never in this process, and nothing is shared with them but
+what the tasks carry: this process writes every file, a submission's kept run included. What needs no
+kernel is judged here without starting a cluster: unreadable submissions, and those whose run is kept
+(a rubric change regrades a class without running a notebook). A kept run is kept only if made in a
+sandbox a notebook would get now: this machine's for the local cluster, and for an existing cluster
+one its workers give (asked once: the instructor's machine may sandbox differently). Each submission
+must be done within :func:`time_limit` of reaching its worker's grading thread; one whose worker stops
+it for that, or whose workers keep dying on it, gets an "error" result blaming the grader, which a
+rerun grades again (only "graded" results are kept). When this process ends, however it ends, a local
+cluster's workers end too (each exits when its parent's pipe closes), and their kernels with them. A
+killed worker leaves its kernels' temporary directories behind, as a killed batch does.
 
 Each submission's files are under ``<out>/<id>/`` and its kept run under ``<out>/.runs/<id>/``, beside
 the class-wide files (:func:`class_files`): a batch refuses, before writing anything, submissions
@@ -22,31 +25,26 @@ overrides rewrites results and reports, and runs no notebook).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import multiprocessing
-import os
-import signal
+import shutil
+import sys
 import tempfile
-import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from pathlib import Path
 
 from tqdm import tqdm
 
-from grader import execute, export, overrides, pipeline, report
+from grader import export, overrides, pipeline, report
 from grader.results import GradeResult, Submission
 from reference import atomic
 
 RESULT_NAME = "result.json"
 REPORT_NAME = "report.html"
-FIRST_JOB_UID = 61000  # one unprivileged uid per worker: RLIMIT_NPROC counts per uid
+FIRST_JOB_UID = 61000  # the first of the unprivileged uids workers take, one each: RLIMIT_NPROC counts per uid
+WORKER_FILE = "worker.txt"  # in a kept run: who ran the notebook, for the results graded from it
 # Beyond the rubric's limits, what grading one notebook may take: starting its kernel (up to 60 s to
 # launch and 60 s to answer), the executor's grace and watchdogs on the last cell (45 s), stopping
 # the kernel (10 s), and judging (the reference's answers, the saved model, figures: seconds).
@@ -103,15 +101,17 @@ def check_ids(submissions: list[Submission]) -> None:
         seen[key] = sid
 
 
-def is_current(result_path: Path, submission: Submission, config: pipeline.Config) -> GradeResult | None:
-    """The kept result, if nothing that decides it has changed since."""
+def is_current(result_path: Path, submission: Submission, config: pipeline.Config,
+               isolations: list[dict] | None = None) -> GradeResult | None:
+    """The kept result, if nothing that decides it has changed since; ``isolations``: as for
+    :func:`pipeline.load_run`."""
     try:
         result = GradeResult.from_json(json.loads(result_path.read_text()))
     except (OSError, ValueError, TypeError, KeyError):
         return None
     same = (result.notebook_sha256 == submission.sha256 and result.rubric_sha256 == config.rubric.sha256
             and result.spec_version == config.spec.version and result.status == ("error" if submission.error else "graded")
-            and (submission.error is not None or pipeline.load_run(submission, config) is not None))
+            and (submission.error is not None or pipeline.load_run(submission, config, isolations) is not None))
     return result if same else None
 
 
@@ -126,13 +126,16 @@ def write_result(result: GradeResult, layout: Layout) -> None:
 
 def grade_all(submissions: list[Submission], config: pipeline.Config, out: Path, jobs: int,
               progress: bool = True, on_result: Callable[[GradeResult], None] | None = None,
-              decisions: overrides.Decisions | None = None) -> list[GradeResult]:
+              decisions: overrides.Decisions | None = None, scheduler: str | None = None) -> list[GradeResult]:
     """Grade ``submissions`` (or keep their current results) and write every result, report and
     class-wide file under ``out``; ``decisions``: the instructor's overrides, as
-    :func:`overrides.load` read them (checked against these submissions and this rubric)."""
+    :func:`overrides.load` read them (checked against these submissions and this rubric).
+    ``scheduler``: an existing cluster's (``tcp://HOST:PORT`` or a scheduler file); None: a local
+    cluster of up to ``jobs`` workers. Raises :class:`cluster.NoWorker` when no worker can grade."""
     check_ids(submissions)
     layout = Layout(out)
     by_id = {submission.id: submission for submission in submissions}
+    isolations = _isolations(config, scheduler)
 
     def final(result: GradeResult) -> GradeResult:
         """The automatic result as the student's, with the overrides on top."""
@@ -144,7 +147,7 @@ def grade_all(submissions: list[Submission], config: pipeline.Config, out: Path,
     results: dict[str, GradeResult] = {}
     todo = []
     for submission in submissions:
-        kept = is_current(layout.result(submission.id), submission, config)
+        kept = is_current(layout.result(submission.id), submission, config, isolations)
         if kept is None:
             todo.append(submission)
             continue
@@ -162,7 +165,7 @@ def grade_all(submissions: list[Submission], config: pipeline.Config, out: Path,
         if on_result:
             on_result(result)
 
-    for done in _grade(todo, config, jobs):
+    for done in _grade(todo, config, jobs, scheduler, isolations):
         finish(done)
     bar.close()
     ordered = [results[s.id] for s in submissions]
@@ -186,172 +189,81 @@ def time_limit(config: pipeline.Config) -> float:
     return limits.notebook_timeout + 2 * limits.cell_timeout + GRADER_MARGIN
 
 
-def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int) -> Iterable[GradeResult]:
+def _isolations(config: pipeline.Config, scheduler: str | None) -> list[dict] | None:
+    """The sandboxes a notebook run now would have, for comparing kept runs' with: on an existing
+    cluster its workers', asked once (this machine's may differ); None for the local cluster, whose
+    workers sandbox as this machine does."""
+    if scheduler is None:
+        return None
+    from grader import cluster
+
+    return cluster.isolations(scheduler, config.isolation)
+
+
+def _grade(submissions: list[Submission], config: pipeline.Config, jobs: int,
+           scheduler: str | None, isolations: list[dict] | None) -> Iterable[GradeResult]:
     # What needs no kernel is judged here at once: unreadable submissions, and those whose run is
     # kept (a rubric change regrades a class without starting a worker or a notebook).
     to_run = []
     for submission in submissions:
-        kept = None if submission.error is not None else pipeline.load_run(submission, config)
+        kept = None if submission.error is not None else pipeline.load_run(submission, config, isolations)
         if submission.error is not None or kept is not None:
-            yield pipeline.grade(submission, config, kept=kept)
+            result = pipeline.grade(submission, config, kept=kept)
+            yield result if kept is None else dataclasses.replace(result, worker=_ran_on(kept.directory))
         else:
             to_run.append(submission)
-    yield from _in_workers(to_run, config, jobs)
+    if to_run:
+        yield from _in_workers(to_run, config, jobs, scheduler)
 
 
-def _in_workers(submissions: list[Submission], config: pipeline.Config, jobs: int,
+def _in_workers(submissions: list[Submission], config: pipeline.Config, jobs: int, scheduler: str | None = None,
                 grade: Callable[..., GradeResult] = pipeline.grade) -> Iterator[GradeResult]:
-    """Grade ``submissions`` in up to ``jobs`` worker processes; a result for each, as they come.
-    ``grade(submission, config, kernels=...)`` does the work in a worker: a module-level function,
-    sent to it by name."""
-    # spawn, not fork: the parent may have torch's thread pools running, which fork does not copy safely.
-    context = multiprocessing.get_context("spawn")
-    left = context.Value("i", len(submissions))  # see pipeline.prepare
-    queue = deque(submissions)
-    limit = time_limit(config)
-    workers = [_Worker(context, dataclasses.replace(config, uid=FIRST_JOB_UID + index), left, grade)
-               for index in range(min(jobs, len(submissions)))]
+    """Grade ``submissions`` on the cluster (see :func:`grade_all`), keeping each run under
+    ``config.runs_dir``; a result for each, as they come. ``grade``: what a worker calls, with
+    ``pipeline.grade``'s signature (another only in tests)."""
+    from grader import cluster
+
+    work = cluster.Batch(config, time_limit(config), FIRST_JOB_UID, grade)
+    with cluster.connect(scheduler, min(jobs, len(submissions))) as client:
+        if address := cluster.dashboard(client):
+            _say(f"dashboard: {address}")
+        for worker, reason in sorted(cluster.prepare(client, work).items()):
+            if reason is not None:
+                _say(f"worker {worker} takes no notebook: {reason}")
+        for submission, outcome in cluster.grade(client, work, submissions):
+            if isinstance(outcome, str):
+                # Built as intake's errors are; a rerun grades the notebook again, as for every "error".
+                reason = (f"the grader failed on this notebook: {outcome}. This is a fault of the grader, "
+                          "not of the notebook; it is graded again on the next run")
+                yield pipeline.grade(dataclasses.replace(submission, error=reason), config)
+                continue
+            if outcome.run:
+                _keep_run(config.runs_dir / submission.id, outcome.run, outcome.result.worker)
+            yield outcome.result
+
+
+def _keep_run(directory: Path, files: dict[str, bytes], worker: str | None) -> None:
+    """Write a run a worker made as :func:`pipeline.run` would have here: ``key.json`` last, so that
+    an interrupted write is never taken for a kept run."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    for name in sorted(files, key=lambda name: name == "key.json"):
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name == "key.json":
+            atomic.write(path, files[name].decode())
+        else:
+            path.write_bytes(files[name])
+    (directory / WORKER_FILE).write_text(worker or "")
+
+
+def _ran_on(directory: Path) -> str | None:
+    """The worker that ran a kept run, as :func:`_keep_run` noted it (None for older runs)."""
     try:
-        for worker in workers:
-            worker.give(queue.popleft())
-        while busy := [w for w in workers if w.submission is not None]:
-            wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
-                 timeout=max(0.0, min(w.given_at for w in busy) + limit - time.monotonic()))
-            for index, worker in enumerate(workers):
-                result = worker.outcome(limit) if worker.submission is not None else None
-                if result is None:
-                    continue
-                yield result
-                if queue:
-                    if not worker.process.is_alive():
-                        workers[index] = worker = _Worker(context, worker.config, left, grade)
-                    worker.give(queue.popleft())
-    finally:
-        for worker in workers:
-            worker.stop()
-        # An idle worker exits in seconds; one still busy (a batch cut short) gets a minute.
-        deadline = time.monotonic() + 60
-        for worker in workers:
-            worker.close(deadline)
+        return (directory / WORKER_FILE).read_text() or None
+    except OSError:
+        return None
 
 
-class _Worker:
-    """A worker process, and the submission it is grading (None while it waits for one)."""
-
-    def __init__(self, context, config: pipeline.Config, left, grade: Callable[..., GradeResult]):
-        self.config = config
-        self.conn, theirs = context.Pipe()
-        self.process = context.Process(target=_serve, args=(config, left, theirs, grade),
-                                       name=f"labgrader-worker-{config.uid}")
-        self.process.start()
-        theirs.close()
-        self.submission: Submission | None = None
-        self.given_at = 0.0
-
-    def give(self, submission: Submission) -> None:
-        """Hand it ``submission``: a worker reads as soon as it starts and whenever it is idle, so
-        this returns once the submission is sent (or at once, if the worker has died)."""
-        with contextlib.suppress(OSError):  # a dead worker is found out by outcome()
-            self.conn.send(submission)
-        self.submission, self.given_at = submission, time.monotonic()
-
-    def outcome(self, limit: float) -> GradeResult | None:
-        """The result for its submission: the worker's, or an error one if the worker died or has
-        had it ``limit`` seconds; None while it is still at work."""
-        submission = self.submission
-        if self.conn.poll():
-            try:
-                result = self.conn.recv()
-            except (EOFError, OSError):  # it died: nothing came but the end
-                self.process.join(5)
-            else:
-                self.submission = None
-                return result
-        alive = self.process.is_alive()
-        if alive and time.monotonic() - self.given_at < limit:
-            return None
-        why = (f"it had no result after {limit:g} s, so the grader stopped its worker" if alive
-               else f"the grader's worker process died ({_death(self.process.exitcode)})")
-        self.kill()
-        self.submission = None
-        # Built as intake's errors are; a rerun grades the notebook again, as for every "error".
-        reason = (f"the grader failed on this notebook: {why}. This is a fault of the grader, not of "
-                  "the notebook; it is graded again on the next run")
-        return pipeline.grade(dataclasses.replace(submission, error=reason), self.config)
-
-    def kill(self) -> None:
-        """SIGKILL the worker and the kernels it started."""
-        if self.process.is_alive():  # not reaped yet, so the pid is still its own
-            _kill_family(self.process.pid)
-        self.process.join()
-
-    def stop(self) -> None:
-        """Tell it to exit once idle (a few bytes: this never waits)."""
-        with contextlib.suppress(OSError):
-            self.conn.send(None)
-
-    def close(self, deadline: float) -> None:
-        """Wait for it to stop its kernels and exit; kill it if it has not by ``deadline``."""
-        self.process.join(max(0.0, deadline - time.monotonic()))
-        if self.process.is_alive():
-            self.kill()
-        self.conn.close()
-
-
-def _death(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        with contextlib.suppress(ValueError):
-            name = signal.Signals(-exitcode).name
-            return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
-    return f"exit code {exitcode}"
-
-
-def _kill_family(pid: int) -> None:
-    """SIGKILL ``pid``'s descendants, then ``pid``. The descendants are stopped first, and the tree
-    looked at again until nothing new appears, so that none escapes by forking meanwhile."""
-    stopped: set[int] = set()
-    while new := set(_family(pid)[1:]) - stopped:
-        for member in new:
-            with contextlib.suppress(OSError):
-                os.kill(member, signal.SIGSTOP)
-        stopped |= new
-    for member in [*stopped, pid]:
-        with contextlib.suppress(OSError):
-            os.kill(member, signal.SIGKILL)
-
-
-def _family(pid: int) -> list[int]:
-    """``pid`` and its descendants."""
-    children = execute.children_by_parent()
-    family = [pid]
-    for member in family:  # grows while it is walked: breadth first
-        family.extend(children.get(member, ()))
-    return family
-
-
-def _serve(config: pipeline.Config, left, conn, grade: Callable[..., GradeResult]) -> None:
-    """A worker's life: each submission the parent sends graded with kernels prepared once (see
-    :func:`pipeline.prepare`), until it sends None. A kernel still waiting for a notebook is stopped
-    on the way out."""
-    _die_with_parent()
-    with contextlib.suppress(KeyboardInterrupt, EOFError):
-        submission = conn.recv()  # first: the parent's send of a large notebook waits for this
-        with pipeline.prepare(config, notebooks=left) as kernels:
-            while submission is not None:
-                conn.send(grade(submission, config, kernels=kernels))
-                submission = conn.recv()
-
-
-def _die_with_parent() -> None:
-    """End this worker and its kernels the moment the batch's process ends, however it ends
-    (SIGKILL included). A worker left grading on its own would race a rerun over the same run
-    directories. Its kernels are killed here, not left to their parent-death signal: so left, they
-    outlived a worker killed while they started 5 times in 12 (one ran on, orphaned, for nine
-    minutes, until killed by hand)."""
-    parent = multiprocessing.parent_process()
-
-    def watch() -> None:
-        wait([parent.sentinel])
-        _kill_family(os.getpid())
-
-    threading.Thread(target=watch, name="labgrader-parent-watch", daemon=True).start()
+def _say(line: str) -> None:
+    tqdm.write(line, file=sys.stderr)

@@ -47,7 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     grade = commands.add_parser("grade", help="grade notebooks, directories of them, or zip archives")
     grade.add_argument("paths", nargs="+", type=Path)
     grade.add_argument("--out", type=Path, default=Path("out"), help="where results and reports go")
-    grade.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel workers (default: cores)")
+    grade.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel workers of the local "
+                       "cluster (default: cores; never more than the notebooks to run)")
+    where = grade.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="grade on this Dask cluster instead of a "
+                       "local one (also: LABGRADER_SCHEDULER, an address or a scheduler file); see docs/cluster.md")
+    where.add_argument("--scheduler-file", type=Path, metavar="FILE", help="the cluster's scheduler file (as "
+                       "`dask scheduler --scheduler-file` writes it)")
     grade.add_argument("--overrides", type=Path, metavar="FILE", help="the instructor's overrides (.toml or .csv: "
                        "student, check or total, points, comment, by, at), applied on top of the grades; "
                        "kept runs are not run again")
@@ -205,7 +211,8 @@ def _threads(wanted: int, jobs: int) -> int:
 def _config(args: argparse.Namespace, out: Path, jobs: int = 1, runs_dir: Path | None = None):
     from grader import batch, pipeline
 
-    _require_isolation(args.isolation)
+    if _scheduler(args) is None:  # on a cluster, each worker checks its own sandbox (grader.cluster)
+        _require_isolation(args.isolation)
     rubric = _rubric(args)  # a missing support file stops at once, before the dataset is prepared
     provisioned = _provision(args)
     try:
@@ -266,8 +273,19 @@ def _spec(args: argparse.Namespace, provisioned):
     return derived
 
 
+def _scheduler(args: argparse.Namespace) -> str | None:
+    """The cluster to grade on: --scheduler, --scheduler-file, else LABGRADER_SCHEDULER; None: a local one."""
+    from grader import cluster
+
+    if not hasattr(args, "scheduler"):  # a command that grades here only
+        return None
+    return args.scheduler or (str(args.scheduler_file) if args.scheduler_file else cluster.scheduler_from_env())
+
+
 def _grade(args: argparse.Namespace) -> int:
-    from grader import batch, intake, overrides
+    import dataclasses
+
+    from grader import batch, cluster, intake, overrides
 
     if args.jobs < 1:
         raise UserError("--jobs must be at least 1")
@@ -279,10 +297,18 @@ def _grade(args: argparse.Namespace) -> int:
         decisions = overrides.load(args.overrides, submissions, config.rubric) if args.overrides else {}
     except overrides.OverrideError as error:
         raise UserError(str(error)) from None
-    print(f"grading {len(submissions)} submission(s) on {_describe(config.provisioned)}; "
-          f"{args.jobs} worker(s) x {config.threads} thread(s)", file=sys.stderr)
-    results = batch.grade_all(submissions, config, args.out, args.jobs, progress=not args.quiet,
-                              decisions=decisions)
+    scheduler = _scheduler(args)
+    if scheduler is None:
+        where = f"{args.jobs} worker(s) x {config.threads} thread(s)"
+    else:  # each worker caps the threads by its own node's cores
+        config = dataclasses.replace(config, threads=args.threads)
+        where = f"the cluster at {scheduler}"
+    print(f"grading {len(submissions)} submission(s) on {_describe(config.provisioned)}; {where}", file=sys.stderr)
+    try:
+        results = batch.grade_all(submissions, config, args.out, args.jobs, progress=not args.quiet,
+                                  decisions=decisions, scheduler=scheduler)
+    except cluster.NoWorker as error:
+        raise UserError(str(error)) from None
     graded = [r for r in results if r.status == "graded"]
     width = max(len(r.submission_id) for r in results)
     for r in results:

@@ -337,16 +337,24 @@ def _save_run(the_run: Run, key: dict[str, Any]) -> None:
     _write_json(directory / "key.json", key)
 
 
-def load_run(submission: Submission, config: Config) -> Run | None:
+def load_run(submission: Submission, config: Config, isolations: Iterable[dict[str, Any]] | None = None
+             ) -> Run | None:
+    """The kept run, if its key is the one a run made now would have. Its ``isolation`` is the sandbox
+    it had where it ran (a cluster's worker wrote the key): it must be one of ``isolations``, those a
+    run made now would have (None: this machine's, :func:`isolation_available`; a batch on a cluster
+    passes its workers'), so that a client whose sandbox differs from its workers' reruns nothing."""
     directory = config.runs_dir / submission.id
     try:
-        if json.loads((directory / "key.json").read_text()) != run_key(submission, config):
+        kept, wanted = json.loads((directory / "key.json").read_text()), run_key(submission, config)
+        here = wanted.pop("isolation")
+        available = [here] if isolations is None else list(isolations)
+        if kept.pop("isolation", None) not in available or kept != wanted:
             return None
         saved = json.loads((directory / "run.json").read_text())
         with np.load(directory / "plan.npz", allow_pickle=False) as arrays:
             plan = probe.Plan(arrays={k: arrays[k] for k in arrays.files}, **saved["plan"])
         received = probe.Received.from_json({**saved["channel"], "message": saved["answers"]})
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # AttributeError: a key.json not an object
         return None
     return Run(directory, _execution_from_json(saved["execution"], directory), plan, _parsed(received, plan),
                received)

@@ -148,6 +148,9 @@ class GradeResult:
     # are final, ``automatic_score`` is the score the grader gave (None when nothing is overridden).
     overrides: tuple[Override, ...] = ()
     automatic_score: float | None = None
+    # The process that ran the notebook (``host (dask worker address)``); None where none did (an
+    # unreadable submission, ``labgrader check``) or the run was kept from before 1.4.
+    worker: str | None = None
     # Modules the kernel had imported before the notebook's first cell (a warm kernel); empty for a
     # cold one (``--no-preload``) or a run kept from before 1.4.
     preloaded: tuple[str, ...] = ()

@@ -65,9 +65,10 @@ def test_workers_run_each_notebook_in_a_kernel_started_ahead_and_leave_none_behi
         assert "left-by" not in seen and ".labgrader" not in seen  # probe's inputs come after the cells
         kept = json.loads((tmp_path / "out" / ".runs" / result.submission_id / "run.json").read_text())
         assert kept["answers"] is not None and kept["execution"]["probe_error"] is None  # the probe ran
-    # No kernel was left: any still waiting when its worker exited was stopped, its files removed.
+    # No worker and no kernel was left: any kernel still waiting when its worker exited was stopped,
+    # its files removed.
     assert list(scratch.iterdir()) == []
-    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _mentions(p, str(scratch))]
+    assert not [p for p in Path("/proc").glob("[0-9]*") if _mentions(p, str(scratch))]
 
 
 def _load_slowly_and_mark(config, marker: Path) -> None:
@@ -89,8 +90,12 @@ def test_a_process_that_exits_while_prepare_loads_waits_for_the_loading(grading_
     assert (tmp_path / "marker").read_text() == "loaded"  # not cut off halfway by the exit
 
 
-def _mentions(cmdline: Path, text: str) -> bool:
+def _mentions(process: Path, text: str) -> bool:
+    """Whether a process's command line (a sandboxed kernel's binds the workers' TMPDIR) or
+    environment (a dask worker's, spawned with it) names ``text``; never multiprocessing's resource
+    tracker, which the first spawned worker starts for the life of this process, not the batch's."""
     try:
-        return text.encode() in cmdline.read_bytes()
+        seen = [(process / part).read_bytes() for part in ("cmdline", "environ")]
     except OSError:
         return False
+    return any(text.encode() in part for part in seen) and b"multiprocessing.resource_tracker" not in seen[0]
