@@ -311,7 +311,9 @@ def run(submission: Submission, config: Config, kernels: execute.Kernels | None 
         from grader import saved_model  # torch: loaded by now, for the dataset
 
         saved_model.keep(kernel.workdir / config.rubric.model_file, directory / "model.pt")
-    kernels.start_ahead()  # the next notebook's kernel starts while this one is judged
+    # Under bubblewrap the next kernel started when this one was handed out; in the fallback sandbox
+    # only now, while this notebook is judged (see execute.Kernels.kernel).
+    kernels.start_ahead()
     execution = dataclasses.replace(execution, workdir=None, fast_data=config.fast_data)
     the_run = Run(directory, execution, plan, _parsed(received, plan), received)
     _save_run(the_run, run_key(submission, config))
