@@ -153,7 +153,7 @@ def _mentioning(text: str) -> list[int]:
 
 def _holding_job_uids() -> set[int]:
     """Processes holding a job uid's lock (/proc/locks names each lock's holder and file's inode)."""
-    inodes = {path.stat().st_ino for path in cluster._slot_dir().glob("*")}
+    inodes = {path.stat().st_ino for path in cluster.worker._slot_dir().glob("*")}
     holders = set()
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()

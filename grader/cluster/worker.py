@@ -1,34 +1,8 @@
-"""Grade notebooks as tasks of Dask's ``distributed`` scheduler: on a local cluster of single-threaded
-worker processes (the default, no set-up), or on an existing cluster (``docs/cluster.md``).
+"""The worker's side of grading on Dask: what runs in every worker process of the cluster.
 
-What crosses the network is small and self-contained, so no file system is shared: a task carries
-one submission (its notebook's bytes, bounded by intake) and returns a :class:`Graded`: the result and
-the kept run's files (the executed notebook, the probe's answer and inputs, the saved model, the
-findings with the report's figures), which the client writes under ``<out>/.runs/<id>/`` as if it had
-run the notebook itself. A worker grades in a runs directory of its own, inside its Dask local
-directory (which Dask removes when the worker closes, and a later worker of the node when one was
-killed), and keeps nothing.
-
-A worker takes notebooks only once :class:`Worker` (a ``distributed.WorkerPlugin`` the client
-registers for its batch) has found, at the worker's start, that it can sandbox them and that it
-holds the batch's data (the same four files, by hash, provisioned offline where it can). Then, and
-only then, it advertises the resource :data:`RESOURCE`, which every task requires: the scheduler
-never places a task on a worker without it. One that cannot says why in one log line
-(``labgrader: this worker takes no notebook: ...``), and :func:`prepare` tells the client. Each capable worker
-loads torch, the dataset and matplotlib once, starts the next kernel while a notebook is judged (only
-while a task waits for it), and runs its kernels as a job uid no other worker of its node holds.
-
-Faults: a worker that dies mid-notebook (SIGKILL, the out-of-memory killer, a lost node) has its task
-run again on another worker by the scheduler, at most ``distributed.scheduler.allowed-failures`` more
-times (:data:`ALLOWED_FAILURES` on the local cluster); past that the submission gets an "error"
-result saying so (``KilledWorker``), which the next run grades again, and the class goes on. A task
-that has had no result within the batch's time limit is stopped by the worker itself: it kills its
-kernels, fails the task with :class:`GradingTimeout` (the scheduler keeps the error, so nothing is
-lost), and then kills its own process, since what hangs may be the grading thread itself; its nanny
-starts a fresh one. The client sends one task per capable worker at a time: the scheduler counts a
-worker's death against every task it holds, so a worker holds only the one it runs, and a notebook
-that kills its workers costs no other notebook a try. Each task says whether more will follow, so
-that a worker starts a kernel ahead only for a notebook that will come.
+:class:`Worker`, the plugin a batch registers, checks the worker can sandbox and holds the batch's
+data before it advertises :data:`RESOURCE`; :func:`grade_task` is the task, run on the plugin's one
+grading thread within the batch's time limit. See :mod:`grader.cluster`.
 """
 from __future__ import annotations
 
@@ -44,14 +18,12 @@ import socket
 import tempfile
 import threading
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
-import dask
 import distributed
 from distributed import WorkerPlugin
 
@@ -60,20 +32,13 @@ from grader.results import GradeResult, Submission
 
 NAME = "labgrader"  # the plugin's name on every worker: a new batch's plugin replaces the last one's
 RESOURCE = "labgrader"  # what only a worker able to grade advertises, and every task requires
-ALLOWED_FAILURES = 2  # a submission whose worker dies is tried at most 3 times in all
 JOB_UIDS = 1024  # uids a node's workers may take, from the batch's first
-ENV = "LABGRADER_SCHEDULER"  # a scheduler's address, or a scheduler file's path
 
 log = logging.getLogger("labgrader.cluster")
 
 
 class GradingTimeout(Exception):
     """A task had no result within the batch's time limit; its worker stopped itself."""
-
-
-class NoWorker(Exception):
-    """No worker of the cluster can grade this batch (or its scheduler cannot be reached); the message
-    says why, for each worker."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +105,7 @@ class Worker(WorkerPlugin):
     def _make_ready(self, worker: distributed.Worker) -> str | None:
         """None once this worker can grade the batch; else why not, in one line."""
         config = self.batch.config
-        if _isolation(config.isolation) is None:
+        if isolation_here(config.isolation) is None:
             mode = pipeline.isolation_available(config.isolation)["mode"]
             return (f"it cannot sandbox notebooks with bubblewrap ({sandbox.bubblewrap_problem() or mode}); "
                     "install bubblewrap and allow user namespaces there (`labgrader doctor` says how)")
@@ -220,7 +185,7 @@ class _Waiting:
         return contextlib.nullcontext()
 
 
-def _isolation(isolation: str) -> dict | None:
+def isolation_here(isolation: str) -> dict | None:
     """How this worker would sandbox a notebook (:func:`pipeline.isolation_available`), if that is
     as the batch demands: bubblewrap, unless ``isolation`` asks for the subprocess fallback."""
     here = pipeline.isolation_available(isolation)
@@ -328,7 +293,7 @@ def _kill_family(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def _grade_task(submission: Submission, token: str, more: bool) -> Graded:
+def grade_task(submission: Submission, token: str, more: bool) -> Graded:
     """A task: grade ``submission`` with this worker's plugin, which must be the batch's."""
     plugin = distributed.get_worker().plugins.get(NAME)
     if plugin is None or plugin.batch.token != token:
@@ -336,110 +301,6 @@ def _grade_task(submission: Submission, token: str, more: bool) -> Graded:
     return plugin.grade(submission, more)
 
 
-def _refusal(dask_worker: distributed.Worker) -> str | None:
+def refusal(dask_worker: distributed.Worker) -> str | None:
     plugin = dask_worker.plugins.get(NAME)
     return "the labgrader plugin is missing" if plugin is None else plugin.refusal
-
-
-# --- the client's side -----------------------------------------------------------------------------
-
-def scheduler_from_env() -> str | None:
-    return os.environ.get(ENV) or None
-
-
-@contextlib.contextmanager
-def connect(scheduler: str | None, workers: int) -> Iterator[distributed.Client]:
-    """A client of the cluster at ``scheduler`` (``tcp://HOST:PORT``, or a scheduler file's path),
-    or of a new local cluster of ``workers`` single-threaded processes, closed on leaving."""
-    if scheduler is not None:
-        target = {"address": scheduler} if "://" in scheduler else {"scheduler_file": scheduler}
-        try:
-            client = distributed.Client(**target, set_as_default=False)
-        except OSError as error:  # refused, timed out (Dask's connect time-out): one line, not a traceback
-            raise NoWorker(f"the cluster's scheduler at {scheduler} cannot be reached: {error}") from None
-        with client:
-            yield client
-        return
-    settings = {"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
-                # Workers' memory is torch and one dataset; kernels have caps of their own.
-                "distributed.worker.memory.terminate": False}
-    with dask.config.set(settings), tempfile.TemporaryDirectory(prefix="labgrader-dask-") as scratch, \
-            distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", local_directory=scratch,
-            # A free port, never another batch's; none without bokeh, which draws its pages.
-            dashboard_address=":0", scheduler_kwargs={"dashboard": _has_dashboard()}, memory_limit=0,
-            silence_logs=logging.ERROR) as local, distributed.Client(local, set_as_default=False) as client:
-        yield client
-
-
-def _has_dashboard() -> bool:
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def dashboard(client: distributed.Client) -> str | None:
-    """The dashboard's address, when the scheduler serves one (its pages need bokeh here too)."""
-    served = "dashboard" in client.scheduler_info().get("services", {})
-    return client.dashboard_link if served and _has_dashboard() else None
-
-
-def isolations(scheduler: str, isolation: str) -> list[dict]:
-    """The sandboxes the cluster's workers that can grade would give a notebook now, against which a
-    kept run's is compared (:func:`pipeline.load_run`): the client's own may differ. None of them when
-    no worker has joined: then no kept run is reused, and the batch stops with :class:`NoWorker`."""
-    with connect(scheduler, 0) as client:
-        return [each for each in client.run(_isolation, isolation).values() if each is not None]
-
-
-def prepare(client: distributed.Client, batch: Batch) -> dict[str, str | None]:
-    """Register ``batch``'s plugin on every worker (waiting for each one's checks) and say, by
-    worker address, why each one takes no notebook (None: it takes them). Raises :class:`NoWorker`
-    when none can grade."""
-    client.register_plugin(Worker(batch), name=NAME)
-    refused = client.run(_refusal)
-    if not any(reason is None for reason in refused.values()):
-        raise NoWorker("no worker of the cluster can grade this batch: " + (
-            "; ".join(f"{address}: {reason}" for address, reason in sorted(refused.items())) or "it has no worker"))
-    return refused
-
-
-def grade(client: distributed.Client, batch: Batch, submissions: list[Submission]
-          ) -> Iterator[tuple[Submission, Graded | str]]:
-    """Each submission with what its task gave: a :class:`Graded`, or why the grader could not grade
-    it (its workers kept dying, or it ran out of time), as they complete."""
-    queue = deque(submissions)
-    done = distributed.as_completed(loop=client.loop)
-    sent: dict[str, Submission] = {}
-
-    def top_up() -> None:
-        while queue and done.count() < max(1, _capable(client)):
-            submission = queue.popleft()
-            future = client.submit(_grade_task, submission, batch.token, bool(queue), resources={RESOURCE: 1},
-                                   pure=False, key=f"grade-{submission.id}-{uuid.uuid4().hex[:8]}")
-            sent[future.key] = submission
-            done.add(future)
-
-    top_up()
-    for future in done:
-        submission = sent.pop(future.key)
-        try:
-            yield submission, future.result()
-        except distributed.KilledWorker:
-            yield submission, (f"the worker grading it died on each of its {ALLOWED_FAILURES + 1} tries (or "
-                               "as many as the cluster's distributed.scheduler.allowed-failures allows): "
-                               "the notebook may use more memory than the worker has")
-        except GradingTimeout as error:
-            yield submission, str(error)
-        except Exception as error:  # noqa: BLE001 - one task's failure is its submission's, not the class's
-            yield submission, f"its task failed on the cluster ({type(error).__name__}: {error})"
-        finally:
-            future.release()
-        top_up()
-
-
-def _capable(client: distributed.Client) -> int:
-    return sum(1 for info in client.scheduler_info()["workers"].values()
-               if info.get("resources", {}).get(RESOURCE))
