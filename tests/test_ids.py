@@ -28,7 +28,7 @@ def grade_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Grade as a batch does, except that a readable notebook gets a made-up graded result at once
     instead of running (what these tests look at is where each result goes). Its score comes from
     the notebook's hash, so that students' scores differ."""
-    def grade(submissions, config, jobs):
+    def grade(submissions, config, jobs, scheduler=None, isolations=None):
         for submission in submissions:
             if submission.error is not None:
                 yield pipeline.grade(submission, config)
