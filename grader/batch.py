@@ -251,7 +251,7 @@ def _keep_run(directory: Path, files: dict[str, bytes], worker: str | None) -> N
         path = directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if name == "key.json":
-            atomic.write(path, files[name].decode())
+            atomic.write(path, files[name])
         else:
             path.write_bytes(files[name])
     (directory / WORKER_FILE).write_text(worker or "")

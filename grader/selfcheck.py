@@ -151,7 +151,7 @@ def _data(root: Path, dataset: str):
     try:
         provisioned = provision.read_profile(root, dataset)
     except FileNotFoundError:
-        raw = root / provision._class_of(dataset) / "raw"
+        raw = root / provision.torchvision_class_of(dataset) / "raw"
         provisioned = provision.provision(dataset, data_dir=raw if raw.is_dir() else None)
     found = spec.committed(provisioned) or spec.cached(provisioned)
     if found is None:

@@ -114,6 +114,11 @@ class Provisioned:
     is_sample: bool
     sha256: dict[str, str]
 
+    @property
+    def dataset(self) -> str:
+        """The dataset's name as ``labgrader data --dataset`` takes it."""
+        return next(name for name, cls in _CLASS.items() if cls == self.torchvision_class)
+
 
 def cache_home() -> Path:
     """Where labgrader keeps what it prepares: ``$LABGRADER_HOME``, else ``$XDG_CACHE_HOME/labgrader``,
@@ -135,7 +140,7 @@ def read_profile(root: str | os.PathLike[str], dataset: Dataset | None = None) -
     ``dataset``, the one the root holds, when it holds only one."""
     root = Path(root)
     if dataset is not None:
-        return _read_record(root, _class_of(dataset))
+        return _read_record(root, torchvision_class_of(dataset))
     found = datasets_in(root)
     if not found:
         raise FileNotFoundError(f"{root}: no labgrader profile here; no dataset is provisioned in it "
@@ -151,7 +156,8 @@ def datasets_in(root: str | os.PathLike[str]) -> list[Provisioned]:
     return [_read_record(root, name) for name in _CLASS.values() if (root / name / PROFILE_FILE).is_file()]
 
 
-def _class_of(dataset: str) -> str:
+def torchvision_class_of(dataset: str) -> str:
+    """torchvision's class name for a dataset named as ``labgrader data --dataset`` takes it."""
     if dataset not in _CLASS:
         raise ValueError(f"unknown dataset {dataset!r}; expected 'mnist' or 'fashion-mnist'")
     return _CLASS[dataset]
@@ -201,7 +207,7 @@ def provision(
     :class:`DatasetUnavailable` when no source has the dataset and :class:`reference.idx.IdxError`
     when a source's file is malformed.
     """
-    torchvision_class = _class_of(dataset)
+    torchvision_class = torchvision_class_of(dataset)
     named_dir = Path(data_dir) if data_dir is not None else _env_data_dir()
     target = Path(root) if root is not None else default_root()
     if named_dir is None:

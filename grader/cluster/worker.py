@@ -198,7 +198,7 @@ def _same_data(wanted) -> object:
     ``labgrader data``'s cache, or ``LABGRADER_DATA_DIR``). A string when it is not the same data."""
     from reference import provision
 
-    dataset = {"MNIST": "mnist", "FashionMNIST": "fashion-mnist"}[wanted.torchvision_class]
+    dataset = wanted.dataset
     with contextlib.suppress(OSError, ValueError):
         there = provision.read_profile(wanted.root, dataset)
         if there.sha256 == wanted.sha256:

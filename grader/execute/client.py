@@ -159,16 +159,9 @@ class GradingClient(NotebookClient):
         self.timed_out = True
         with contextlib.suppress(Exception):
             await self.km.interrupt_kernel()
-        deadline = time.monotonic() + INTERRUPT_GRACE
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = await self.kc.shell_channel.get_msg(timeout=min(left, 0.5))
-            except Exception:
-                if not await self.kc.is_alive():
-                    raise DeadKernelError("kernel died after the interrupt") from None
-                continue
-            if msg.get("msg_type") == "execute_reply":
-                return msg
+        reply = await self._shell_reply(lambda msg: msg.get("msg_type") == "execute_reply", INTERRUPT_GRACE)
+        if reply is not None:
+            return reply
         self.killed_after_interrupt = True
         self._killer("ignored interrupt")
         raise DeadKernelError("kernel killed after ignoring the interrupt")
@@ -179,15 +172,25 @@ class GradingClient(NotebookClient):
         a kernel that has not answered within ``timeout`` is killed)."""
         msg_id = self.kc.execute(code, silent=False, store_history=False, allow_stdin=False,
                                  stop_on_error=False)
-        deadline = time.monotonic() + timeout
+        try:
+            reply = await self._shell_reply(lambda msg: msg.get("parent_header", {}).get("msg_id") == msg_id, timeout)
+        except DeadKernelError:
+            return None
+        if reply is None:
+            self._killer("grader code timed out")
+        return reply
+
+    async def _shell_reply(self, wanted: Callable[[dict], bool], seconds: float) -> dict | None:
+        """The first shell message ``wanted`` accepts within ``seconds``, or None; raises
+        :class:`DeadKernelError` when the kernel dies while it waits."""
+        deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             try:
-                msg = await self.kc.shell_channel.get_msg(timeout=min(left, 1.0))
+                msg = await self.kc.shell_channel.get_msg(timeout=min(left, 0.5))
             except Exception:
                 if not await self.kc.is_alive():
-                    return None
+                    raise DeadKernelError("the kernel died") from None
                 continue
-            if msg.get("parent_header", {}).get("msg_id") == msg_id:
+            if wanted(msg):
                 return msg
-        self._killer("grader code timed out")
         return None
