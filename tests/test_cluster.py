@@ -1,6 +1,7 @@
 """Grading on a Dask cluster started by hand with the `dask scheduler` and `dask worker` commands on
 127.0.0.1 gives what the embedded default gives, and leaves nothing behind on its workers' machine; a
-worker killed mid-notebook costs no submission, and a worker that cannot sandbox takes no notebook."""
+worker killed mid-notebook costs no submission, a worker that cannot sandbox takes no notebook, and a
+batch whose last worker is gone ends instead of waiting for one."""
 from __future__ import annotations
 
 import contextlib
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import cloudpickle
 import distributed
+import nbformat
 import pytest
+from nbformat import v4
 
-from grader import batch, cli, cluster, pipeline, resources
+from grader import batch, cli, cluster, intake, pipeline, resources
 
 pytestmark = pytest.mark.slow
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # its functions run on workers that can't import it
@@ -225,3 +228,31 @@ def test_a_worker_without_bubblewrap_takes_no_notebook(tmp_path, mnist_sample_ro
     assert sorted(results) == sorted(Path(name).stem for name in EXAMPLES[:2])
     assert all(r["status"] == "graded" and r["worker"].endswith(f"({names['w0']})") for r in results.values())
     assert "labgrader: this worker takes no notebook: it cannot sandbox" in (tmp_path / "worker1.log").read_text()
+
+
+def test_a_batch_whose_last_worker_is_gone_fails_what_is_left_instead_of_waiting(
+        tmp_path, grading_config, monkeypatch):
+    monkeypatch.setattr(cluster.client, "NO_WORKER_WAIT", 10.0)
+    for name in ("alice", "bob", "carol"):
+        (tmp_path / f"{name}.ipynb").write_text(nbformat.writes(v4.new_notebook(cells=[v4.new_code_cell("x = 1")])))
+    submissions = intake.collect([tmp_path / f"{name}.ipynb" for name in ("alice", "bob", "carol")])
+    config = grading_config(runs_dir=tmp_path / "runs")
+    with dask_cluster(tmp_path, workers=1) as scheduler_file:
+        graded = batch._in_workers(submissions, config, 1, str(scheduler_file))
+        first = next(graded)
+        with distributed.Client(scheduler_file=str(scheduler_file), set_as_default=False) as client:
+            [nanny] = client.run(os.getppid).values()  # the `dask worker` command: no new worker comes
+            os.kill(nanny, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while client.scheduler_info()["workers"]:
+                assert time.monotonic() < deadline, "the worker did not leave"
+                time.sleep(0.2)
+        waited = time.monotonic()
+        rest = {result.submission_id: result for result in graded}
+        waited = time.monotonic() - waited
+    assert (first.submission_id, first.status, first.execution_status) == ("alice", "graded", "completed")
+    assert sorted(rest) == ["bob", "carol"]
+    assert all(r.status == "error" and "no worker able to grade was in the cluster for" in r.reason
+               and "fault of the grader" in r.reason for r in rest.values())
+    assert waited < batch.time_limit(config)  # not a task's time limit waited out, nor for ever
+

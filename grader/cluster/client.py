@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import tempfile
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -20,13 +22,16 @@ from grader.results import Submission
 
 ALLOWED_FAILURES = 2  # a submission whose worker dies is tried at most 3 times in all
 ENV = "LABGRADER_SCHEDULER"  # a scheduler's address, or a scheduler file's path
+# A killed worker's nanny starts a new one, ready to grade within seconds (its data checked; the
+# kernels load in the background); a cluster with no worker able to grade for this long has none
+# coming, and its tasks would wait in the scheduler for ever.
+NO_WORKER_WAIT = 300.0
+POLL = 2.0  # seconds between looks at the cluster while tasks run
 
 
 class NoWorker(Exception):
     """No worker of the cluster can grade this batch (or its scheduler cannot be reached); the message
     says why, for each worker."""
-
-
 
 
 def scheduler_from_env() -> str | None:
@@ -95,37 +100,69 @@ def prepare(client: distributed.Client, batch: Batch) -> dict[str, str | None]:
 def grade(client: distributed.Client, batch: Batch, submissions: list[Submission]
           ) -> Iterator[tuple[Submission, Graded | str]]:
     """Each submission with what its task gave: a :class:`Graded`, or why the grader could not grade
-    it (its workers kept dying, or it ran out of time), as they complete."""
-    queue = deque(submissions)
-    done = distributed.as_completed(loop=client.loop)
-    sent: dict[str, Submission] = {}
+    it (its workers kept dying, it ran out of time, or no worker that can grade was left in the
+    cluster for :data:`NO_WORKER_WAIT` seconds), as they complete."""
+    waiting = deque(submissions)
+    running: dict[distributed.Future, Submission] = {}
+    ended: queue.SimpleQueue[distributed.Future] = queue.SimpleQueue()  # filled by Dask's callbacks
+    watch = _Watch(client)
 
     def top_up() -> None:
-        while queue and done.count() < max(1, _capable(client)):
-            submission = queue.popleft()
-            future = client.submit(grade_task, submission, batch.token, bool(queue), resources={RESOURCE: 1},
+        while waiting and len(running) < max(1, watch.capable()):
+            submission = waiting.popleft()
+            future = client.submit(grade_task, submission, batch.token, bool(waiting), resources={RESOURCE: 1},
                                    pure=False, key=f"grade-{submission.id}-{uuid.uuid4().hex[:8]}")
-            sent[future.key] = submission
-            done.add(future)
+            running[future] = submission
+            future.add_done_callback(ended.put)
 
     top_up()
-    for future in done:
-        submission = sent.pop(future.key)
+    while running:
         try:
-            yield submission, future.result()
-        except distributed.KilledWorker:
-            yield submission, (f"the worker grading it died on each of its {ALLOWED_FAILURES + 1} tries (or "
-                               "as many as the cluster's distributed.scheduler.allowed-failures allows): "
-                               "the notebook may use more memory than the worker has")
-        except GradingTimeout as error:
-            yield submission, str(error)
-        except Exception as error:  # noqa: BLE001 - one task's failure is its submission's, not the class's
-            yield submission, f"its task failed on the cluster ({type(error).__name__}: {error})"
-        finally:
-            future.release()
+            future = ended.get(timeout=POLL)
+        except queue.Empty:
+            if (gone := watch.no_worker_for()) is None:
+                continue
+            # The scheduler would keep these tasks waiting for a worker for ever: they fail here.
+            reason = (f"no worker able to grade was in the cluster for {gone:.0f} s (those that could "
+                      "died, left or were refused, and none joined)")
+            for future in running:
+                future.cancel()
+            yield from ((submission, reason) for submission in [*running.values(), *waiting])
+            return
+        yield running.pop(future), _outcome(future)
         top_up()
 
 
-def _capable(client: distributed.Client) -> int:
-    return sum(1 for info in client.scheduler_info()["workers"].values()
-               if info.get("resources", {}).get(RESOURCE))
+def _outcome(future: distributed.Future) -> Graded | str:
+    try:
+        return future.result()
+    except distributed.KilledWorker:
+        return (f"the worker grading it died on each of its {ALLOWED_FAILURES + 1} tries (or as many as the "
+                "cluster's distributed.scheduler.allowed-failures allows): the notebook may use more memory "
+                "than the worker has")
+    except GradingTimeout as error:
+        return str(error)
+    except Exception as error:  # noqa: BLE001 - one task's failure is its submission's, not the class's
+        return f"its task failed on the cluster ({type(error).__name__}: {error})"
+    finally:
+        future.release()
+
+
+class _Watch:
+    """How many of the cluster's workers can grade, and since when none could."""
+
+    def __init__(self, client: distributed.Client):
+        self._client = client
+        self._last_seen = time.monotonic()
+
+    def capable(self) -> int:
+        count = sum(1 for info in self._client.scheduler_info()["workers"].values()
+                    if info.get("resources", {}).get(RESOURCE))
+        if count:
+            self._last_seen = time.monotonic()
+        return count
+
+    def no_worker_for(self) -> float | None:
+        """Seconds without a worker that can grade, once they exceed :data:`NO_WORKER_WAIT`."""
+        gone = time.monotonic() - self._last_seen
+        return gone if not self.capable() and gone > NO_WORKER_WAIT else None
