@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from grader import environment
 from grader.probe import (BATCH_SIZE, DATASETS, LOADERS, LOSS_FACTOR, MODEL_BATCH, TEST_BATCHES, TRAIN_BATCHES,
                           Answers, DatasetAnswer, FunctionAnswer, LoaderAnswer, ModelAnswer, Plan, Problem, Value)
 from grader.results import CheckResult, Execution
@@ -270,7 +271,7 @@ def _module_notes(evidence: Evidence, bad: list) -> dict[int, str]:
         if not found:
             continue
         module = found.group(1).split(".")[0]
-        package = package_of.get(module) or next((p for p in declared if _normal(p) == _normal(module)), None)
+        package = package_of.get(module) or next((p for p in declared if environment.same_name(p, module)), None)
         if package is not None and declared.get(package) is None:
             notes[cell.number] = (f"Cell {cell.number} imports {module}, from the package {package} that the rubric "
                                   "declares, but the grading machine lacks it: that is not your error; your "
@@ -281,10 +282,6 @@ def _module_notes(evidence: Evidence, bad: list) -> dict[int, str]:
                                   "instructor to provide it (an instructor adds the package to the rubric's "
                                   "[environment] packages).")
     return notes
-
-
-def _normal(name: str) -> str:
-    return re.sub(r"[-_.]+", "_", name).lower()
 
 
 # torchvision's datasets a notebook of this lab may load, as a call: the class name.

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from grader import cgroups, sandbox, score
+from grader import cgroups, environment, sandbox
 from grader.limits import Limits
 
 _TMPFS_PROBE_BYTES = 1 << 20
@@ -36,8 +36,8 @@ def diagnose(packages: tuple[str, ...] = ()) -> list[Line]:
 def _package(name: str) -> Line:
     """A declared package is importable when it is installed and each module it gives can be found
     by the interpreter the kernels run (this one: the sandbox shows its packages)."""
-    version = score.package_versions([name])[name]
-    modules = score.import_names(name)
+    version = environment.package_versions([name])[name]
+    modules = environment.import_names(name)
     missing = [module for module in modules if importlib.util.find_spec(module) is None]
     if version is None or missing:
         return Line(f"package {name}", False, f"declared in the rubric but not importable here "

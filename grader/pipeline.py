@@ -30,7 +30,8 @@ import grader
 import reference
 from grader import checks, execute, probe
 from grader.results import CellRun, CheckResult, Execution, GradeResult, Submission
-from grader.score import Rubric, import_names, package_versions, score
+from grader.environment import import_names, package_versions
+from grader.score import Rubric, score
 from reference import atomic
 from reference.provision import Provisioned
 from reference.spec import Spec
@@ -207,8 +208,8 @@ def _dataset_of(config: Config):
 
 def prepare(config: Config, notebooks: int | Synchronized | None = None) -> execute.Kernels:
     """Start the first notebook's kernel and wait until it answers, and, in the background meanwhile
-    and while its cells run, load what judging needs: the dataset (torch with it) and matplotlib
-    for the figures. Once per process, before its first notebook; a regrade of kept runs needs none
+    and while its cells run, load what judging needs: the dataset (torch with it), matplotlib for
+    the figures and which modules the rubric's packages provide. Once per process, before its first notebook; a regrade of kept runs needs none
     of it. Later kernels start while the notebook before them is judged (:func:`run`).
 
     Nothing needs what it loads before the first notebook's cells have run (the probe's inputs are drawn
@@ -245,6 +246,7 @@ def _load(config: Config) -> None:
         from grader import figures  # noqa: F401
 
         _dataset_of(config)
+        provided(config)  # the installed packages' modules: read once per process (0.5 s)
     except Exception:  # noqa: BLE001 - a head start only: the next caller of dataset() meets the error
         pass
     finally:
@@ -290,11 +292,11 @@ def run(submission: Submission, config: Config, kernels: execute.Kernels | None 
 
     def epilogue() -> str:
         # The probe's inputs are drawn once the cells have run: they were never there to read. They
-        # go in with the code, and the answer comes back on a socket in the grader's own directory.
+        # go in through the grader's own directory, and the answer comes back on a socket there.
         plan = probe.make_plan(*dataset(config))
         channel = probe.Channel(kernel.channel_dir, plan.nonce, timeout=config.rubric.limits.cell_timeout + 10)
         probed.append((plan, channel))
-        return probe.probe_code(plan, kernel.inner_channel_dir)
+        return probe.probe_code(plan, kernel.channel_dir, kernel.inner_channel_dir)
 
     with kernels.kernel() as kernel:
         notebook = nbformat.reads(submission.notebook.decode(), as_version=4)

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
-import re
 import tomllib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from grader import limits as limits_
 from grader.checks import CHECKS
+from grader.environment import PACKAGE_NAME, Environment, SupportFileError
 from grader.limits import Limits
 from grader.results import CheckResult, ScoredCheck
 
@@ -26,74 +24,6 @@ class RubricEntry:
     points: float
     visibility: str
     partial: bool
-
-
-@dataclass(frozen=True)
-class SupportFile:
-    """A file the instructor provides (the course's data helper, say): copied read-only into every
-    notebook's work dir before its first cell. Read once, when the rubric or the command line names
-    it, so every notebook of a batch gets the same bytes, and the run key the digest of those."""
-
-    name: str
-    content: bytes
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.content).hexdigest()
-
-
-@dataclass(frozen=True)
-class Environment:
-    """What grading provides besides the lab's own packages and data: the rubric's ``[environment]``
-    table (``support_files``, paths relative to the rubric; ``packages``, pip names the set-up
-    command installs: ``labgrader packages`` prints them), plus ``--support-file`` paths."""
-
-    support_files: tuple[SupportFile, ...] = ()
-    packages: tuple[str, ...] = ()
-
-    def adding(self, paths: Iterable[Path], reserved: Iterable[str] = ()) -> Environment:
-        """This environment with the files at ``paths`` provided too; RubricError names one that is
-        missing or whose name another file, or a name the work dir needs, already has."""
-        files = list(self.support_files)
-        for path in paths:
-            path = Path(path)
-            if not path.is_file():
-                raise RubricError(f"support file {path}: not found (or not a regular file)")
-            if path.name in {f.name for f in files} | {"data", *reserved}:
-                raise RubricError(f"support file {path}: another support file, the dataset (data) or the "
-                                  f"saved model already has the name {path.name!r} in the work dir")
-            files.append(SupportFile(path.name, path.read_bytes()))
-        return Environment(tuple(files), self.packages)
-
-    def digest(self) -> dict[str, str]:
-        """What decides a run: each support file's name and content."""
-        return {f.name: f.sha256 for f in self.support_files}
-
-
-PACKAGE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")  # a distribution's name, no version
-
-
-def package_versions(packages: Iterable[str]) -> dict[str, str | None]:
-    """Each declared package's installed version, None where it is not installed."""
-    versions: dict[str, str | None] = {}
-    for name in packages:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def import_names(package: str) -> tuple[str, ...]:
-    """The top-level modules a declared package gives ``import`` (pip's name, normalised, when it is
-    not installed or says nothing): what a ModuleNotFoundError names."""
-    provides = [module for module, owners in importlib.metadata.packages_distributions().items()
-                if any(_normal(owner) == _normal(package) for owner in owners)]
-    return tuple(sorted(provides)) or (_normal(package).replace("-", "_"),)
-
-
-def _normal(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @dataclass(frozen=True)
@@ -163,7 +93,7 @@ def _environment(path: Path, table: object, model_file: str) -> Environment:
     try:
         return Environment(packages=tuple(lists["packages"])).adding(
             (path.parent / name for name in lists["support_files"]), reserved=(model_file,))
-    except RubricError as error:
+    except SupportFileError as error:
         raise RubricError(f"{path}: [environment] {error}") from None
 
 

@@ -3,7 +3,7 @@
 A student calls ``import labgrader; labgrader.check()`` (or ``labgrader.check("train_epoch")``, one
 part) in a cell of their notebook. The verdicts come from the grader's own code, run in the
 student's kernel: :func:`grader.probe.make_plan` draws the inputs, the probe of
-:mod:`grader.probe.inkernel` calls the student's functions on them (its ``_probe``, the function the
+:mod:`grader.probe.inkernel` calls the student's functions on them (its ``probe_namespace``, the function the
 grader's epilogue calls), :func:`grader.probe.parse` reads its answer, :func:`grader.expected.compute`
 gives the reference's answers, :func:`grader.checks.run_checks` judges and :func:`grader.score.score`
 applies the rubric. The page is rendered with the report's Jinja2 macros (``templates/_checks.html.j2``).
@@ -191,7 +191,9 @@ def _probe(plan: probe.Plan, namespace: dict[str, Any]) -> tuple[probe.Answers |
 
     guard = _OwnKernel(torch)
     try:
-        inkernel._probe(source.probe_payload(plan, ""), guard, types.SimpleNamespace(records=[]), namespace)
+        with tempfile.TemporaryDirectory(prefix="labgrader-check-") as inputs:
+            payload = source.probe_payload(plan, Path(inputs), inputs)
+            inkernel.probe_namespace(payload, guard, types.SimpleNamespace(records=[]), namespace)
     except Exception as error:  # noqa: BLE001 - the check says the probe failed, as in grading
         return None, f"{type(error).__name__}: {error}"
     return probe.parse(guard.message, plan), None

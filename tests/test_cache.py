@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from grader import execute, intake, pipeline, resources, score
+from grader import environment, execute, intake, pipeline, resources, score
 from reference import spec as spec_module
 
 CORRECT = resources.EXAMPLES_DIR / "correct.ipynb"
@@ -314,7 +314,7 @@ KEY_CHANGES = {
         config.rubric, limits=dataclasses.replace(config.rubric.limits, memory_bytes=1 << 30)))),
     "isolation": lambda submission, config: (submission, dataclasses.replace(config, isolation="subprocess")),
     "support_files": lambda submission, config: (submission, _with_environment(
-        config, support_files=(score.SupportFile("helper.py", b"VALUE = 1\n"),))),
+        config, support_files=(environment.SupportFile("helper.py", b"VALUE = 1\n"),))),
     "packages": lambda submission, config: (submission, _with_environment(
         config, packages=(*config.rubric.environment.packages, "jinja2"))),
 }

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-from grader import checks, pipeline, resources, score
+from grader import checks, environment, pipeline, resources, score
 from grader.results import CellRun, Execution, GradeResult, Submission
 
 RUBRIC = """
@@ -43,7 +43,7 @@ def test_support_files_are_read_relative_to_the_rubric_and_a_missing_one_is_name
         score.load_rubric(tmp_path / "rubric.toml")
     with pytest.raises(score.RubricError, match="not a package name"):
         _rubric(tmp_path, RUBRIC.replace('"torchinfo"', '"torchinfo>=1.8"'))
-    with pytest.raises(score.RubricError, match="already has the name 'helper.py'"):
+    with pytest.raises(environment.SupportFileError, match="already has the name 'helper.py'"):
         rubric.environment.adding([tmp_path / "helper.py"])
 
 
@@ -68,7 +68,7 @@ def test_support_files_go_in_read_only_and_their_content_is_in_the_run_key(tmp_p
     assert key["support_files"] == {"helper.py": rubric.environment.support_files[0].sha256}
     (tmp_path / "helper.py").write_text("VALUE = 42\n")
     changed = grading_config(rubric=dataclasses.replace(
-        grading_config().rubric, environment=score.Environment().adding([tmp_path / "helper.py"])))
+        grading_config().rubric, environment=environment.Environment().adding([tmp_path / "helper.py"])))
     assert pipeline.run_key(submission, changed) != key  # a changed helper regrades
     assert key["packages"]["not-a-real-package-xyz"] is None and key["packages"]["torchinfo"]
 

@@ -1,8 +1,8 @@
 """The grader's end of the probe's channel: a Unix socket in a directory only the grader can write.
 
-Nothing of the probe passes through the student's working directory: the plan goes into the kernel
-inline, in the epilogue's code, and the answer comes back here. The socket lives in the kernel's
-channel directory (``Kernel.channel_dir``), which the sandbox binds read-only: the kernel can connect
+Nothing of the probe passes through the student's working directory: the plan's arrays go into the
+kernel's channel directory (``Kernel.channel_dir``) beside the socket, and the answer comes back
+here. The sandbox binds that directory read-only: the kernel can connect
 (the socket is mode 0666 for the job's uid) but can't create, replace or link anything there, and
 the grader opens no path a notebook chose.
 
