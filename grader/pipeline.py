@@ -67,12 +67,13 @@ class Config:
     uid: int = 65534
     hide: tuple[Path, ...] = ()  # besides what execute always hides: the grader, reference and checkout
     preload: bool = True  # kernels start warm: execute.PRELOAD imported before the first cell
+    scratch: Path | None = None  # where kernels' directories go: execute.Sandboxing.scratch
 
     def sandboxing(self) -> execute.Sandboxing:
         limits = dataclasses.replace(self.rubric.limits, threads=self.threads)
         return execute.Sandboxing(data_root=self.provisioned.root, limits=limits,
                                   hide=(*self.hide, self.runs_dir), uid=self.uid, isolation=self.isolation,
-                                  preload=execute.PRELOAD if self.preload else ())
+                                  preload=execute.PRELOAD if self.preload else (), scratch=self.scratch)
 
 
 @dataclass(frozen=True)

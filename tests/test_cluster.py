@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -37,11 +38,12 @@ NO_BUBBLEWRAP = ("from grader import sandbox\n"
 
 
 @contextlib.contextmanager
-def dask_cluster(tmp_path: Path, workers: int = 2, preloads: dict[int, Path] | None = None):
+def dask_cluster(tmp_path: Path, workers: int = 2, preloads: dict[int, Path] | None = None,
+                 local_root: Path | None = None):
     """A scheduler and ``workers`` single-threaded workers, each by its own `dask` command, stopped
     with SIGTERM on leaving; the scheduler file's path. Each worker's local directory is
-    ``tmp_path/worker<index>``, and ``tmp_path/tmp`` its TMPDIR (its kernels' command lines name it).
-    ``preloads``: a module file for some workers to load first."""
+    ``<local_root>/<index>`` (``local_root``: ``tmp_path`` by default), and ``tmp_path/tmp`` its
+    TMPDIR. ``preloads``: a module file for some workers to load first."""
     scheduler_file = tmp_path / "scheduler.json"
     (tmp_path / "tmp").mkdir()
     started = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
@@ -57,7 +59,7 @@ def dask_cluster(tmp_path: Path, workers: int = 2, preloads: dict[int, Path] | N
             started.append(subprocess.Popen(
                 [DASK, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", "--nworkers", "1",
                  "--host", "127.0.0.1", "--no-dashboard", "--name", f"w{index}",
-                 "--local-directory", str(tmp_path / f"worker{index}"), *preload],
+                 "--local-directory", str((local_root or tmp_path) / str(index)), *preload],
                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"worker{index}.log", "w"),
                 env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}))
         with distributed.Client(scheduler_file=str(scheduler_file), set_as_default=False) as client:
@@ -126,7 +128,7 @@ def test_a_cluster_started_by_hand_grades_as_the_embedded_default(tmp_path, mnis
     while _mentioning(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _mentioning(str(tmp_path)) == [] and not workers & _holding_job_uids()
-    assert not list(tmp_path.glob("worker*/**/labgrader-runs-*")) and not list((tmp_path / "tmp").iterdir())
+    assert not list(tmp_path.glob("[0-9]/**/labgrader-runs-*")) and not list((tmp_path / "tmp").iterdir())
     here, there = _results(embedded), _results(remote)
     assert sorted(here) == sorted(there) == sorted(Path(name).stem for name in EXAMPLES)
     assert {sid: _without_timing(r) for sid, r in here.items()} == {sid: _without_timing(r) for sid, r in there.items()}
@@ -189,9 +191,26 @@ def _executing(dask_worker) -> int:
 def test_a_worker_killed_mid_notebook_costs_no_submission(tmp_path, mnist_sample_root):
     paths = _long_notebooks(tmp_path / "class", 3)
     out = tmp_path / "out"
-    with dask_cluster(tmp_path) as scheduler_file:
-        grading = threading.Thread(target=_grade, args=(paths, out, mnist_sample_root.root, "--scheduler-file",
-                                                        str(scheduler_file)))
+    # Workers' directories with paths short enough for their kernels' sockets, so every directory of
+    # a kernel is in its worker's: the killed worker's are removed when its nanny starts a new one.
+    local_root = Path(tempfile.mkdtemp(prefix="lgw-"))
+    try:
+        _grade_while_killing_a_worker(tmp_path, paths, out, mnist_sample_root.root, local_root)
+        left = [p for p in local_root.rglob("*") if p.name.startswith(("lg-", "labgrader-"))]
+        assert not left and not list((tmp_path / "tmp").iterdir()), left
+    finally:
+        shutil.rmtree(local_root, ignore_errors=True)
+    results = _results(out)
+    assert sorted(results) == ["student0", "student1", "student2"]
+    assert all(r["status"] == "graded" and r["score"] == r["max_score"] for r in results.values())
+    assert len((out / "gradebook.csv").read_text().splitlines()) == 1 + 3  # each submission once
+
+
+def _grade_while_killing_a_worker(tmp_path: Path, paths: list[Path], out: Path, root: Path, local_root: Path) -> None:
+    """Grade ``paths`` on two hand-started workers, one of them SIGKILLed inside a notebook; no
+    result comes from the killed one."""
+    with dask_cluster(tmp_path, local_root=local_root) as scheduler_file:
+        grading = threading.Thread(target=_grade, args=(paths, out, root, "--scheduler-file", str(scheduler_file)))
         grading.start()
         with distributed.Client(scheduler_file=str(scheduler_file), set_as_default=False) as client:
             deadline = time.monotonic() + 300
@@ -203,11 +222,7 @@ def test_a_worker_killed_mid_notebook_costs_no_submission(tmp_path, mnist_sample
             os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
         grading.join(900)
         assert not grading.is_alive()
-    results = _results(out)
-    assert sorted(results) == ["student0", "student1", "student2"]
-    assert all(r["status"] == "graded" and r["score"] == r["max_score"] for r in results.values())
-    assert victim not in {r["worker"].split("(")[1].rstrip(")") for r in results.values()}
-    assert len((out / "gradebook.csv").read_text().splitlines()) == 1 + 3  # each submission once
+    assert victim not in {r["worker"].split("(")[1].rstrip(")") for r in _results(out).values()}
 
 
 def test_a_worker_without_bubblewrap_takes_no_notebook(tmp_path, mnist_sample_root, capsys):

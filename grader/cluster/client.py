@@ -54,13 +54,15 @@ def connect(scheduler: str | None, workers: int) -> Iterator[distributed.Client]
     settings = {"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
                 # Workers' memory is torch and one dataset; kernels have caps of their own.
                 "distributed.worker.memory.terminate": False}
-    with dask.config.set(settings), tempfile.TemporaryDirectory(prefix="labgrader-dask-") as scratch, \
-            distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", local_directory=scratch,
-            # A free port, never another batch's; none without bokeh, which draws its pages.
-            dashboard_address=":0", scheduler_kwargs={"dashboard": _has_dashboard()}, memory_limit=0,
-            silence_logs=logging.ERROR) as local, distributed.Client(local, set_as_default=False) as client:
-        yield client
+    # A short name: kernels' sockets go in the workers' directories below it, at most 107 bytes a path.
+    with dask.config.set(settings), tempfile.TemporaryDirectory(prefix="lgd-") as scratch:
+        os.chmod(scratch, 0o711)  # the kernels' job uid passes through to its directories (worker._scratch)
+        with distributed.LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", local_directory=scratch,
+                # A free port, never another batch's; none without bokeh, which draws its pages.
+                dashboard_address=":0", scheduler_kwargs={"dashboard": _has_dashboard()}, memory_limit=0,
+                silence_logs=logging.ERROR) as local, distributed.Client(local, set_as_default=False) as client:
+            yield client
 
 
 def _has_dashboard() -> bool:

@@ -105,7 +105,8 @@ class Worker(WorkerPlugin):
     def _make_ready(self, worker: distributed.Worker) -> str | None:
         """None once this worker can grade the batch; else why not, in one line."""
         config = self.batch.config
-        if isolation_here(config.isolation) is None:
+        here = isolation_here(config.isolation)
+        if here is None:
             mode = pipeline.isolation_available(config.isolation)["mode"]
             return (f"it cannot sandbox notebooks with bubblewrap ({sandbox.bubblewrap_problem() or mode}); "
                     "install bubblewrap and allow user namespaces there (`labgrader doctor` says how)")
@@ -120,7 +121,7 @@ class Worker(WorkerPlugin):
         # stopped by SIGTERM left an empty /tmp/labgrader-runs-* behind: its teardown never ran).
         runs = Path(tempfile.mkdtemp(prefix="labgrader-runs-", dir=worker.local_directory))
         self._config = dataclasses.replace(config, provisioned=provisioned, runs_dir=runs, uid=uid,
-                                           threads=_threads(config.threads))
+                                           threads=_threads(config.threads), scratch=_scratch(worker, here["mode"]))
         return None
 
     def _prepare(self) -> None:
@@ -209,6 +210,18 @@ def _same_data(wanted) -> object:
                 f"(other files); provision the batch's files there with `labgrader data --dataset {dataset} "
                 "--data-dir DIR`")
     return found
+
+
+def _scratch(worker: distributed.Worker, mode: str) -> Path | None:
+    """The worker's own directory for its kernels' directories, where their job uid can reach them:
+    Dask removes it however the worker ends (a SIGKILLed worker's kernels left their work and job
+    directories in TMPDIR), once a worker starts again on the node. Bubblewrap binds them in
+    wherever they are; the fallback's kernel reaches them through the host's directories."""
+    scratch = Path(worker.local_directory)
+    with contextlib.suppress(OSError):
+        scratch.chmod(0o711)  # Dask makes it 0700; a job uid only passes through, listing nothing
+    reachable = mode == sandbox.BUBBLEWRAP or sandbox.reachable_by_others(str(scratch / "kernel"))
+    return scratch if reachable else None
 
 
 def _threads(wanted: int) -> int:

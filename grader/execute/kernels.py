@@ -53,6 +53,9 @@ class Sandboxing:
     ``isolation``: ``auto`` (bubblewrap when it works here), ``bubblewrap`` or ``subprocess``.
     ``preload``: modules each kernel imports as it starts (:data:`PRELOAD`, or none for a cold
     kernel), before its notebook is handed to it: see :func:`grader.sandbox.kernel_argv`.
+    ``scratch``: where kernels' work and job directories go (None: the temporary directory). A Dask
+    worker gives its own directory, which Dask removes however the worker ends: a killed worker's
+    kernels leave nothing behind once a worker starts again on that node.
     """
 
     data_root: Path | None = None
@@ -61,6 +64,7 @@ class Sandboxing:
     uid: int = 65534
     isolation: str = "auto"
     preload: tuple[str, ...] = ()
+    scratch: Path | None = None
 
 
 class Kernels:
@@ -171,7 +175,7 @@ class Kernel:
         # TemporaryDirectory, not mkdtemp + rmtree: its clean-up also removes what a notebook left
         # without write permission.
         self._own_workdir = None if workdir else tempfile.TemporaryDirectory(
-            prefix="labgrader-work-", ignore_cleanup_errors=True)
+            prefix="labgrader-work-", dir=sandboxing.scratch, ignore_cleanup_errors=True)
         self.workdir = Path(workdir or self._own_workdir.name).resolve()
         self.km = None
         self.sweep_uid: int | None = None
@@ -235,7 +239,7 @@ class Kernel:
         if self.root:  # what the notebook finds in it later is handed over when it runs
             for p in mounts:
                 os.chown(p, uid, gid)
-        self._job = job = Path(tempfile.mkdtemp(prefix="lg-", dir=_job_parent()))
+        self._job = job = Path(tempfile.mkdtemp(prefix="lg-", dir=_job_parent(s.scratch)))
         os.chmod(job, 0o711)
         ipc = job / "ipc"
         ipc.mkdir(mode=0o700)
@@ -389,10 +393,10 @@ _SOCKET_PATH_MAX = 107
 _JOB_PATH_EXTRA = 50
 
 
-def _job_parent() -> str:
-    """Where a kernel's job directory goes: the usual temporary directory, unless its path leaves the
-    sockets inside too little room; then /tmp."""
-    parent = tempfile.gettempdir()
+def _job_parent(scratch: Path | None) -> str:
+    """Where a kernel's job directory goes: ``scratch`` or the usual temporary directory, unless its
+    path leaves the sockets inside too little room; then /tmp."""
+    parent = str(scratch or tempfile.gettempdir())
     return parent if len(os.fsencode(parent)) + _JOB_PATH_EXTRA <= _SOCKET_PATH_MAX else "/tmp"
 
 
