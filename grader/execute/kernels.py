@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import nbformat
+import zmq.asyncio
 
 from grader import cgroups, sandbox
 from grader.execute import outcome, processes
-from grader.execute.client import STARTUP_TIMEOUT
+from grader.execute.client import STARTUP_TIMEOUT, answered
 from grader.execute.run import run_notebook
 from grader.limits import Limits
 from grader.results import Execution
@@ -269,8 +270,10 @@ class Kernel:
         (job / "runtime").mkdir(mode=0o700)
         self._log = open(job / "kernel.log", "wb")  # the kernel's own stderr (size capped by RLIMIT_FSIZE)
         ksm = KernelSpecManager(kernel_dirs=[str(job / "kernels")], ensure_native_kernel=False)
+        # A ZMQ context of ours: the manager destroys one it made itself with 100 ms of linger,
+        # measured as half of each kernel's shutdown; :func:`_shutdown` destroys this one at once.
         self.km = AsyncKernelManager(kernel_name=sandbox.KERNEL_NAME, kernel_spec_manager=ksm,
-                                     transport="ipc", ip=str(ipc / "k"),
+                                     transport="ipc", ip=str(ipc / "k"), context=zmq.asyncio.Context(),
                                      connection_file=str(job / "runtime" / "connection.json"))
         # Without a pid namespace, processes the kernel left behind are found by uid; only a
         # dedicated job uid is swept (65534 may be shared with unrelated processes).
@@ -292,7 +295,7 @@ class Kernel:
         client = self.km.client()
         client.start_channels()
         try:
-            await client.wait_for_ready(timeout=STARTUP_TIMEOUT)
+            await answered(client, STARTUP_TIMEOUT)
         finally:
             client.stop_channels()
 
@@ -415,6 +418,7 @@ async def _shutdown(client: GradingClient | None, km, uid: int | None, sandboxed
     processes.kill_kernel(km, uid, sandboxed=False)  # whatever is left
     with contextlib.suppress(Exception):
         await km.cleanup_resources()
+    km.context.destroy(linger=0)
     if client is not None:
         with contextlib.suppress(Exception):
             client.zmq_context.destroy(linger=0)
