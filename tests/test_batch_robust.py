@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -191,9 +192,12 @@ def _processes_mentioning(text: str) -> list[Path]:
 
 @pytest.mark.slow  # waits out the limit of the worker that hangs, and three deaths of a worker
 def test_a_worker_that_hangs_or_dies_costs_only_its_submission(grading_config, tmp_path, monkeypatch):
-    scratch = tmp_path / "scratch"  # the workers' TMPDIR: their kernels' command lines name it
+    # The workers' TMPDIR, and where the local cluster's directory goes: the kernels' work dirs are
+    # in their worker's directory, so their command lines name it.
+    scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     # The limit a hung task waits out: 90 s in all, twice what a notebook of one line took to
     # grade on a fresh worker of a 2-core machine with a load average of 9.
     monkeypatch.setattr(batch, "GRADER_MARGIN", 70.0)

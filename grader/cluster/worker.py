@@ -26,6 +26,7 @@ from pathlib import Path
 
 import distributed
 from distributed import WorkerPlugin
+from distributed.core import Status
 
 from grader import execute, pipeline, sandbox
 from grader.results import GradeResult, Submission
@@ -82,15 +83,23 @@ class Worker(WorkerPlugin):
         self._more = True  # another notebook will follow the one graded now (or the first one will come)
 
     async def setup(self, worker: distributed.Worker) -> None:
-        await worker.set_resources(**{RESOURCE: 0})  # nothing for this batch until it is checked
-        self.identity = f"{socket.gethostname()} ({worker.address})"
-        self.refusal = await asyncio.to_thread(self._make_ready, worker)
-        if self.refusal is not None:
-            log.warning("labgrader: this worker takes no notebook: %s", self.refusal)
-            return
-        self._grading = ThreadPoolExecutor(1, thread_name_prefix="labgrader-grading")
-        self._grading.submit(self._prepare)
-        await worker.set_resources(**{RESOURCE: 1})
+        # Paused while it checks itself, and resumed after. The scheduler looks again at tasks it had
+        # no worker for when a worker joins or resumes, never when a worker's resources change: a
+        # batch whose workers had all restarted (each joins before it advertises the resource) kept
+        # its last tasks waiting beside two idle, able workers for ever.
+        worker.status = Status.paused
+        try:
+            await worker.set_resources(**{RESOURCE: 0})  # nothing for this batch until it is checked
+            self.identity = f"{socket.gethostname()} ({worker.address})"
+            self.refusal = await asyncio.to_thread(self._make_ready, worker)
+            if self.refusal is not None:
+                log.warning("labgrader: this worker takes no notebook: %s", self.refusal)
+                return
+            self._grading = ThreadPoolExecutor(1, thread_name_prefix="labgrader-grading")
+            self._grading.submit(self._prepare)
+            await worker.set_resources(**{RESOURCE: 1})
+        finally:
+            worker.status = Status.running
 
     def teardown(self, worker: distributed.Worker) -> None:
         if self._grading is not None:
