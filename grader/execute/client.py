@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import time
 from typing import Any, Callable
 
@@ -47,32 +46,6 @@ def message_size(msg: dict[str, Any]) -> int:
     return total
 
 
-async def answered(kc, timeout: float) -> None:
-    """Wait until the kernel answers ``kc``'s kernel_info request and its IOPub messages reach
-    ``kc``: jupyter_client's ``wait_for_ready`` without its last step, which reads IOPub until 0.2 s
-    pass without a message (measured: that 0.2 s was a fifth of each notebook's time outside its
-    cells). Nothing needs that drained: nbclient, and the grader's own code, take only the replies
-    and output of their own requests. Raises RuntimeError when the kernel dies or does not answer."""
-    deadline = time.monotonic() + timeout
-    while True:
-        kc.kernel_info()
-        try:
-            reply = await kc.shell_channel.get_msg(timeout=1)
-        except queue.Empty:
-            reply = None
-        if reply is not None and reply["msg_type"] == "kernel_info_reply":
-            try:  # a status message of that request: IOPub is connected (else it starts over)
-                await kc.iopub_channel.get_msg(timeout=0.2)
-                kc._handle_kernel_info_reply(reply)  # the protocol version, as wait_for_ready takes it
-                return
-            except queue.Empty:
-                pass
-        if not await kc.is_alive():
-            raise RuntimeError("the kernel died before it answered")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the kernel did not answer in {timeout:g} s")
-
-
 class GradingClient(NotebookClient):
     """NotebookClient that caps output, kills on ignored interrupts, and records timeouts.
 
@@ -101,7 +74,7 @@ class GradingClient(NotebookClient):
         # watch for that, it means the kernel sent more output than the cap at once.
         self._monitor = self.kc.iopub_channel.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._monitor_task = asyncio.ensure_future(self._watch_disconnects())
-        await answered(self.kc, self.startup_timeout)
+        await self.kc.wait_for_ready(timeout=self.startup_timeout)
         self.kc.allow_stdin = False
         return self.kc
 

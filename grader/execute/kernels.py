@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from grader import cgroups, sandbox
 from grader.execute import outcome, processes
-from grader.execute.client import STARTUP_TIMEOUT, answered
+from grader.execute.client import STARTUP_TIMEOUT
 from grader.execute.run import run_notebook
 from grader.limits import Limits
 from grader.results import Execution
@@ -295,7 +295,7 @@ class Kernel:
         client = self.km.client()
         client.start_channels()
         try:
-            await answered(client, STARTUP_TIMEOUT)
+            await client.wait_for_ready(timeout=STARTUP_TIMEOUT)
         finally:
             client.stop_channels()
 
