@@ -64,8 +64,10 @@ def run(account: Account, place: Path, *sources: str, **kw):
 
 
 def report(nb, index: int = 0) -> dict:
-    """The JSON a probing cell printed last (what the kernel saw)."""
-    text = "".join(o.get("text", "") for o in nb.cells[index].outputs if o["output_type"] == "stream")
+    """The JSON a probing cell printed last on stdout (what the kernel saw). Not stderr: IPython's
+    history thread may add a line there when a cell has filled /tmp, after the cell's own."""
+    text = "".join(o.get("text", "") for o in nb.cells[index].outputs
+                   if o["output_type"] == "stream" and o.get("name") == "stdout")
     return json.loads(text.strip().splitlines()[-1])
 
 
