@@ -210,8 +210,9 @@ def _dataset_of(config: Config):
 def prepare(config: Config, notebooks: int | Synchronized | None = None) -> execute.Kernels:
     """Start the first notebook's kernel and wait until it answers, and, in the background meanwhile
     and while its cells run, load what judging needs: the dataset (torch with it), matplotlib for
-    the figures and which modules the rubric's packages provide. Once per process, before its first notebook; a regrade of kept runs needs none
-    of it. Later kernels start while the notebook before them is judged (:func:`run`).
+    the figures and which modules the rubric's packages provide. Once per process, before its first
+    notebook; a regrade of kept runs needs none of it. Later kernels start while the notebook before
+    them is judged (:func:`run`).
 
     Nothing needs what it loads before the first notebook's cells have run (the probe's inputs are drawn
     from the dataset only then), so that notebook does not wait for them. ``notebooks``: how many

@@ -585,6 +585,7 @@ def _answers(torch, user_ns, payload):
             answers[name] = {"raised": _describe(error)}
     return answers
 
+
 def _describe(error):
     try:
         message = str(error)

@@ -35,7 +35,7 @@ def prelude_code(seed: int, threads: int, fast_data: bool) -> str:
             "del __labgrader\n")
 
 
-def probe_code(plan: Plan, channel_dir: Path, inner_channel_dir: str | None = None) -> str:
+def probe_code(plan: Plan, channel_dir: Path | str, inner_channel_dir: str | None = None) -> str:
     """Call the probe the prelude left, with ``plan``, whose arrays this writes into the channel
     directory ``channel_dir``; it answers on the socket there. ``inner_channel_dir``: that directory
     as the kernel sees it (the same path when None).
