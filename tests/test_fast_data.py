@@ -3,7 +3,8 @@
 The fast path serves ``MNIST[i]`` from a tensor converted once when the transform is exactly
 ``ToTensor()``; it must give bitwise what torchvision gives, on every sample of every provisioned
 dataset, and step aside for anything else. The patch is undone after each test (``MNIST.__getitem__``
-is restored by monkeypatch), so the rest of the suite sees stock torchvision.
+is restored and ``MNIST.__getitems__`` removed by monkeypatch), so the rest of the suite sees stock
+torchvision.
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ BATCH = 1000
 
 @pytest.fixture
 def fast_data(monkeypatch):
-    """Install the fast path for one test; monkeypatch puts the stock ``__getitem__`` back."""
+    """Install the fast path for one test; monkeypatch puts the stock ``__getitem__`` back and takes
+    ``__getitems__`` (which stock torchvision lacks) away."""
     monkeypatch.setattr(MNIST, "__getitem__", STOCK_GETITEM)
+    monkeypatch.setattr(MNIST, "__getitems__", None, raising=False)
     monkeypatch.setattr(torchvision.datasets.mnist, "_labgrader_fast_data", False, raising=False)
     inkernel._install_fast_data()
     assert MNIST.__getitem__ is not STOCK_GETITEM
@@ -129,9 +132,76 @@ class MyToTensor(ToTensor):
 ])
 def test_anything_else_takes_the_stock_path(mnist_sample_root, fast_data, make):
     dataset = make(mnist_sample_root)
-    for index in [*range(50), len(dataset) - 1]:
+    indices = [*range(50), len(dataset) - 1]
+    for index in indices:
         _same_item(dataset[index], STOCK_GETITEM(dataset, index))
+    for fast, index in zip(dataset.__getitems__(indices), indices):
+        _same_item(fast, STOCK_GETITEM(dataset, index))
     assert "_labgrader_tensor" not in dataset.__dict__
+
+
+def _loader(dataset, seed: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def _same_batches(fast_loader, stock_loader) -> int:
+    count = 0
+    for (fast_x, fast_y), (stock_x, stock_y) in zip(fast_loader, stock_loader, strict=True):
+        assert fast_x.dtype == stock_x.dtype and fast_x.shape == stock_x.shape
+        assert torch.equal(_bits(fast_x), _bits(stock_x)) and torch.equal(fast_y, stock_y)
+        count += 1
+    return count
+
+
+def test_a_dataloaders_batches_are_bitwise_the_stock_ones(fashion_root, fast_data):
+    dataset = _open(fashion_root, False, transform=ToTensor())
+    count = _same_batches(_loader(dataset, 5), _loader(_Stock(dataset), 5))
+    assert count == -(-len(dataset) // 64)
+    # The batch came from one gather: its items are views of one new tensor, not of the cache.
+    first, second = dataset.__getitems__([3, 8])
+    assert first[0].untyped_storage().data_ptr() == second[0].untyped_storage().data_ptr()
+    cache = dataset.__dict__["_labgrader_tensor"][5]
+    assert first[0].untyped_storage().data_ptr() != cache.untyped_storage().data_ptr()
+    _same_item(first, STOCK_GETITEM(dataset, 3))
+
+
+def test_a_random_split_is_served_in_batches_too(mnist_sample_root, fast_data):
+    dataset = _open(mnist_sample_root, True, transform=ToTensor())
+    split = torch.utils.data.random_split(dataset, [0.8, 0.2], generator=torch.Generator().manual_seed(1))
+    stock_split = [torch.utils.data.Subset(_Stock(dataset), part.indices) for part in split]
+    for part, stock_part in zip(split, stock_split):
+        assert _same_batches(_loader(part, 2), _loader(stock_part, 2)) > 0
+    assert "_labgrader_tensor" in dataset.__dict__
+
+
+@pytest.mark.parametrize("indices", [
+    pytest.param([0, -1, 4], id="negative"),
+    pytest.param([2, 10**6], id="out-of-range"),
+    pytest.param([np.int64(3), 7], id="numpy-int"),
+    pytest.param([torch.tensor(3)], id="tensor"),
+    pytest.param([], id="empty"),
+])
+def test_a_batch_of_any_indices_has_the_stock_outcome(mnist_sample_root, fast_data, indices):
+    dataset = _open(mnist_sample_root, False, transform=ToTensor())
+    try:
+        stock = [STOCK_GETITEM(dataset, index) for index in indices]
+    except Exception as error:  # noqa: BLE001 - whatever torchvision raises, the patch must too
+        with pytest.raises(type(error)):
+            dataset.__getitems__(indices)
+    else:
+        fast = dataset.__getitems__(indices)
+        assert len(fast) == len(stock)
+        for fast_item, stock_item in zip(fast, stock):
+            _same_item(fast_item, stock_item)
+
+
+def test_a_getitem_the_notebook_replaced_serves_its_batches(mnist_sample_root, fast_data, monkeypatch):
+    dataset = _open(mnist_sample_root, False, transform=ToTensor())
+    dataset[0]  # the converted copy exists, and must not be used behind the notebook's back
+    monkeypatch.setattr(MNIST, "__getitem__", lambda self, index: (torch.full((1, 2), float(index)), index))
+    images, labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    assert labels.tolist() == [0, 1, 2, 3] and images[:, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_fashion_mnist_is_served_fast_and_its_subclasses_are_not(fashion_root, fast_data):
