@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import logging
 import os
 import shutil
@@ -110,6 +111,11 @@ class Worker(WorkerPlugin):
             shutil.rmtree(self._config.runs_dir, ignore_errors=True)
         if self._slot is not None:
             os.close(self._slot)
+        if worker.status in (Status.closing, Status.closed):  # its process ends with it
+            # Python's last collections at exit walk every object torch, torchvision and matplotlib
+            # made: closing a local cluster of one worker took 2.1 s, 0.3 s with them frozen (left
+            # to the OS; atexit handlers and finalizers still run).
+            gc.freeze()
 
     def _make_ready(self, worker: distributed.Worker) -> str | None:
         """None once this worker can grade the batch; else why not, in one line."""
