@@ -196,6 +196,14 @@ def test_a_batch_of_any_indices_has_the_stock_outcome(mnist_sample_root, fast_da
             _same_item(fast_item, stock_item)
 
 
+def test_targets_shorter_than_data_fail_as_the_stock_path_does(mnist_sample_root, fast_data):
+    dataset = _open(mnist_sample_root, False, transform=ToTensor())
+    dataset.targets = dataset.targets[:10]  # a student's half-done subset
+    assert len(dataset.__getitems__([0, 9])) == 2
+    with pytest.raises(IndexError, match="out of bounds"):  # torch's words, from the stock path
+        dataset.__getitems__([5, 10])
+
+
 def test_a_getitem_the_notebook_replaced_serves_its_batches(mnist_sample_root, fast_data, monkeypatch):
     dataset = _open(mnist_sample_root, False, transform=ToTensor())
     dataset[0]  # the converted copy exists, and must not be used behind the notebook's back

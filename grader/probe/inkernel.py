@@ -188,7 +188,10 @@ def _install_fast_data(mnist=None):
             # like ToTensor's output, (H, W, 1) permuted to (1, H, W). ``to`` copies, so the in-place
             # division never reaches ``data``.
             images = data.to(dtype).div_(255).unsqueeze(3).permute(0, 3, 1, 2)
-            labels = targets.tolist() if type(targets) is torch.Tensor and targets.dim() == 1 else None
+            # Without labels (targets that are not one per image) a label is read as the stock path
+            # reads it, and fails as it does.
+            labels = (targets.tolist() if type(targets) is torch.Tensor and targets.dim() == 1
+                      and len(targets) == len(data) else None)
             cached = (data, data._version, dtype, targets, getattr(targets, "_version", None), images, labels)
             self.__dict__["_labgrader_tensor"] = cached
         return cached[5], cached[6], targets
