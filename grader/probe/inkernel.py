@@ -152,8 +152,8 @@ def _install_fast_data(mnist=None):
     the permuted view instead took 1.4 to 2.3 s) and gives bitwise the same tensor (ToTensor converts
     uint8 to the default float dtype and divides by 255), with the same shape and strides. A
     DataLoader's batch is fetched with one gather through ``__getitems__``, which torch's fetcher and
-    ``Subset`` call when a dataset has it (an epoch of 60000 in batches of 64, one thread: 1.1 s,
-    against 1.5 s item by item). Any other transform, a target transform, a subclass, a replaced
+    ``Subset`` call when a dataset has it (a training epoch of 60000 in batches of 64, one thread:
+    1.1 s, against 1.5 s item by item). Any other transform, a target transform, a subclass, a replaced
     ``__getitem__``, data that is not a 3-d uint8 tensor, an index that is not an integer or one out
     of range takes the stock path, item by item as torch's fetcher would. The converted copy is
     rebuilt when ``data`` is replaced, edited in place (its version counter moves), ``targets``
