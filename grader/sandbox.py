@@ -437,7 +437,11 @@ def kernel_argv(python: str, connection_file: str, preload: tuple[str, ...] = ()
     no name and displays nothing, so the notebook's namespace is as a cold kernel's. A module that
     fails to import is logged to the kernel's stderr, and the notebook's own import meets the error."""
     lines = [f"if True: {'; '.join(f'__import__({m!r})' for m in preload)}"] if preload else []
-    return [python, "-c", _KERNEL_MAIN.format(exec_lines=lines), "-f", connection_file]
+    # No SQLite input history (``In`` and ``_ih`` stay, in memory): a graded kernel's history is
+    # never read, its database lived in the notebook's size-capped /tmp, and once a cell had filled
+    # that, IPython's history thread printed an error into the notebook's output.
+    return [python, "-c", _KERNEL_MAIN.format(exec_lines=lines), "-f", connection_file,
+            "--HistoryManager.enabled=False"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,8 +64,7 @@ def run(account: Account, place: Path, *sources: str, **kw):
 
 
 def report(nb, index: int = 0) -> dict:
-    """The JSON a probing cell printed last on stdout (what the kernel saw). Not stderr: IPython's
-    history thread may add a line there when a cell has filled /tmp, after the cell's own."""
+    """The JSON a probing cell printed last on stdout (what the kernel saw)."""
     text = "".join(o.get("text", "") for o in nb.cells[index].outputs
                    if o["output_type"] == "stream" and o.get("name") == "stdout")
     return json.loads(text.strip().splitlines()[-1])
@@ -306,7 +305,8 @@ def test_tmp_size_cap_gives_enospc_and_file_size_cap_gives_efbig(account, place)
                   "        for _ in range(n):\n            f.write(chunk); f.flush()\n"
                   "print(json.dumps({'tmp_small': attempt(lambda: fill('/tmp/a', 1)),"
                   " 'fsize': attempt(lambda: fill('big.bin', 4)),"
-                  " 'tmp_full': attempt(lambda: [fill(f'/tmp/f{i}', 2) for i in range(10)])}))")
+                  " 'tmp_full': attempt(lambda: [fill(f'/tmp/f{i}', 2) for i in range(10)]),"
+                  " 'history': get_ipython().history_manager.enabled}))")
     ex, nb = run(account, place, cell, "print('alive')", limits=limits)
     r = report(nb)
     assert r["tmp_small"] == "ok"
@@ -314,6 +314,9 @@ def test_tmp_size_cap_gives_enospc_and_file_size_cap_gives_efbig(account, place)
     assert r["tmp_full"] == "ENOSPC"
     assert (place / "work" / "big.bin").stat().st_size == 1 << 20
     assert [c.status for c in ex.cells] == ["ok", "ok"]
+    # A full /tmp leaves the kernel's own output alone: it keeps no history database there.
+    assert r["history"] is False
+    assert [(o["name"], o["text"]) for o in nb.cells[1].outputs] == [("stdout", "alive\n")]
 
 
 def test_a_kernels_own_work_dir_is_a_size_capped_tmpfs_as_root_and_says_so_otherwise(account, place):
