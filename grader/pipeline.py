@@ -73,7 +73,8 @@ class Config:
         limits = dataclasses.replace(self.rubric.limits, threads=self.threads)
         return execute.Sandboxing(data_root=self.provisioned.root, limits=limits,
                                   hide=(*self.hide, self.runs_dir), uid=self.uid, isolation=self.isolation,
-                                  preload=execute.PRELOAD if self.preload else (), scratch=self.scratch)
+                                  preload=execute.PRELOAD if self.preload else (), scratch=self.scratch,
+                                  datasets=(self.provisioned.torchvision_class,))
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ class SandboxConfig:
     python: str = sys.executable  # the interpreter that has ipykernel
     mode: str = BUBBLEWRAP  # BUBBLEWRAP or SUBPROCESS
     data_root: str | None = None  # bound read-only at <workdir>/data
+    datasets: tuple[str, ...] = ()  # only these folders of data_root, each at <workdir>/data/<name>
     hide: tuple[str, ...] = ()  # host paths to cover wherever they fall inside what is bound
     uid: int = 65534
     gid: int = 65534
@@ -106,7 +107,7 @@ class SandboxConfig:
     @classmethod
     def from_arg(cls, arg: str) -> "SandboxConfig":
         data = json.loads(base64.urlsafe_b64decode(arg.encode()))
-        for name in ("hide", "cgroup_procs", "preload"):
+        for name in ("hide", "cgroup_procs", "preload", "datasets"):
             data[name] = tuple(data.get(name, ()))
         return cls(**data)
 
@@ -365,7 +366,9 @@ def binds(config: SandboxConfig) -> list[Bind]:
            if not any(_inside(p, s) for s in system)]
     out.append(Bind(config.workdir, INNER_WORKDIR, writable=True))
     if config.data_root:
-        out.append(Bind(config.data_root, INNER_WORKDIR + "/data"))
+        data = INNER_WORKDIR + "/data"
+        out += ([Bind(os.path.join(config.data_root, name), f"{data}/{name}") for name in config.datasets]
+                or [Bind(config.data_root, data)])
     out.append(Bind(config.ipc_dir, INNER_IPC_DIR, writable=True))
     if config.channel_dir:
         out.append(Bind(config.channel_dir, INNER_CHANNEL_DIR))
@@ -605,7 +608,13 @@ def _subprocess_exec(config: SandboxConfig, connection_file: str, drop: bool, pa
     os.makedirs(home, exist_ok=True)
     data_link = os.path.join(workdir, "data")
     if config.data_root and not os.path.lexists(data_link):
-        os.symlink(config.data_root, data_link)
+        if config.datasets:
+            os.mkdir(data_link)
+            for name in config.datasets:
+                os.symlink(os.path.join(config.data_root, name), os.path.join(data_link, name))
+            os.chmod(data_link, 0o555)
+        else:
+            os.symlink(config.data_root, data_link)
     if drop:
         os.chown(home, config.uid, config.gid)
     env = kernel_env(config, workdir, home)

@@ -447,6 +447,24 @@ def test_dataset_root_is_read_only_at_data_and_torch_trains_within_limits(accoun
     assert not (data / "x").exists()
 
 
+def test_a_batch_shows_only_its_own_dataset_read_only(account, place):
+    data = _fake_mnist(place / "datasets")
+    (data / "FashionMNIST" / "raw").mkdir(parents=True)  # provisioned too, for another batch
+    account.own(place)
+    cell = TRY + ("import torchvision\n"
+                  "ds = torchvision.datasets.MNIST('./data', train=False)\n"
+                  "print(json.dumps({'data': listing('data'), 'mnist': len(ds),"
+                  " 'fashion': attempt(lambda: torchvision.datasets.FashionMNIST('./data')),"
+                  " 'add': attempt(lambda: open('data/x', 'w')),"
+                  " 'write': attempt(lambda: open('data/MNIST/x', 'w'))}))")
+    ex, nb = run(account, place, cell, data_root=data, datasets=("MNIST",))
+    r = report(nb)
+    assert r["data"] == ["MNIST"] and r["mnist"] == 64
+    assert r["fashion"] == "RuntimeError"  # torchvision's "Dataset not found", as on a machine without it
+    assert r["add"] in ("EROFS", "EACCES") and r["write"] in ("EROFS", "EACCES")
+    assert sorted(p.name for p in data.iterdir()) == ["FashionMNIST", "MNIST"]
+
+
 def test_the_wrapper_joins_its_resource_box_first_or_does_not_start_the_kernel(tmp_path):
     """The wrapper writes its own pid (the kernel's, after exec) into each cgroup file it is given;
     one it cannot write stops it with a message, before it does anything else."""

@@ -55,11 +55,12 @@ def execute(
     hide: Sequence[Path] = (),
     uid: int = 65534,
     isolation: str = "auto",
+    datasets: Sequence[str] = (),
 ) -> Execution:
     """Run ``notebook`` in a kernel of its own, with ``workdir`` (kept) as its working directory.
 
     ``record_dir`` is hidden from the kernel; the rest is as :meth:`Kernel.run` and
     :class:`Sandboxing` say. A process that runs many notebooks uses :class:`Kernels`."""
-    sandboxing = Sandboxing(data_root, limits, (*hide, Path(record_dir)), uid, isolation)
+    sandboxing = Sandboxing(data_root, limits, (*hide, Path(record_dir)), uid, isolation, datasets=tuple(datasets))
     with Kernels(sandboxing, notebooks=1, workdir=Path(workdir)) as kernels, kernels.kernel() as kernel:
         return kernel.run(notebook, record_dir, prelude=prelude, epilogue=epilogue)

@@ -57,6 +57,9 @@ class Sandboxing:
     ``scratch``: where kernels' work and job directories go (None: the temporary directory). A Dask
     worker gives its own directory, which Dask removes however the worker ends: a killed worker's
     kernels leave nothing behind once a worker starts again on that node.
+    ``datasets``: the only folders of ``data_root`` a kernel sees, each at ``./data/<name>`` (none:
+    all of it at ``./data``). A batch shows its own dataset only, so that a notebook reading another
+    one fails alike wherever it is graded, whatever else that machine has provisioned.
     """
 
     data_root: Path | None = None
@@ -66,6 +69,7 @@ class Sandboxing:
     isolation: str = "auto"
     preload: tuple[str, ...] = ()
     scratch: Path | None = None
+    datasets: tuple[str, ...] = ()
 
 
 class Kernels:
@@ -235,8 +239,16 @@ class Kernel:
         self.isolation += "; " + (self.box.describe() if self.box else "no resource box (rlimits only)")
         mounts = [self.workdir]
         if s.data_root is not None and self.mode == sandbox.BUBBLEWRAP:
-            (self.workdir / "data").mkdir(exist_ok=True)  # mount point for the read-only dataset
-            mounts.append(self.workdir / "data")
+            (self.workdir / "data").mkdir(exist_ok=True)  # mount points for the read-only data
+            for name in s.datasets:
+                (self.workdir / "data" / name).mkdir()
+            if s.datasets:
+                # Not a mount of its own, so not read-only: closed to writes instead (binding it
+                # read-only from the work dir's host path is not possible where that path is one a
+                # closed ancestor hides, as a root job's tmpfs work dir is).
+                (self.workdir / "data").chmod(0o555)
+            else:
+                mounts.append(self.workdir / "data")
         if self.root:  # what the notebook finds in it later is handed over when it runs
             for p in mounts:
                 os.chown(p, uid, gid)
@@ -253,7 +265,7 @@ class Kernel:
                                   else str(self.channel_dir))
         config = sandbox.SandboxConfig(
             workdir=str(self.workdir), ipc_dir=str(ipc), mode=self.mode,
-            data_root=str(Path(s.data_root).resolve()) if s.data_root is not None else None,
+            data_root=str(Path(s.data_root).resolve()) if s.data_root is not None else None, datasets=s.datasets,
             hide=tuple(str(Path(h).resolve()) for h in s.hide), channel_dir=str(self.channel_dir),
             cgroup_procs=self.box.procs_files if self.box else (),
             uid=uid, gid=gid, drop_uid=self.root,
