@@ -53,11 +53,13 @@ def kernel_process(km):
 
 
 async def exited(km, seconds: float) -> None:
-    """Wait (without blocking the loop) until the kernel's process has ended, at most ``seconds``."""
+    """Wait (without blocking the loop) until the kernel's process has ended, at most ``seconds``.
+    Every 10 ms: a killed sandbox takes about 80 ms to go, and polling every 50 ms added 25 ms on
+    average to each kernel's shutdown."""
     proc = kernel_process(km)
     deadline = time.monotonic() + seconds
     while proc is not None and proc.poll() is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
 
 
 def returncode(km) -> int | None:
