@@ -6,9 +6,11 @@ kernel claims.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,7 @@ import pytest
 from nbformat import v4
 
 from grader.execute import INTERRUPT_GRACE, Kernels, Limits, Sandboxing, execute
+from grader.execute.client import connected
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = Limits(cell_timeout=20, notebook_timeout=120)
@@ -359,6 +362,59 @@ def test_a_kernel_that_dies_before_it_answers_fails_its_notebook_with_the_reason
         ex = kernel.run(notebook("print('never')"), record)
     assert ex.status == "not-run" and ex.reason == kernel.failure
     assert [c.status for c in ex.cells] == ["not-run"]
+
+
+class _Channel:
+    """A channel that hands out the messages a kernel would have sent by now, then times out."""
+
+    def __init__(self, messages):
+        self.messages = messages
+
+    async def get_msg(self, timeout=None):
+        if not self.messages:
+            raise queue.Empty
+        return self.messages.pop(0)
+
+
+class _IOPubLateClient:
+    """A kernel client whose IOPub subscription missed the first request's messages: the kernel
+    answers each kernel_info request on the shell, and IOPub brings every request's statuses but
+    the first's, after a stale message of no request."""
+
+    def __init__(self):
+        self.shell, self.iopub = _Channel([]), _Channel([{"parent_header": {}, "msg_type": "stream"}])
+        self.shell_channel, self.iopub_channel = self.shell, self.iopub
+        self.requests, self.handled = [], None
+
+    def kernel_info(self):
+        request = f"request-{len(self.requests)}"
+        self.requests.append(request)
+        self.shell.messages.append({"parent_header": {"msg_id": request}, "msg_type": "kernel_info_reply"})
+        if len(self.requests) > 1:
+            self.iopub.messages += [{"parent_header": {"msg_id": request}, "msg_type": "status",
+                                     "content": {"execution_state": state}} for state in ("busy", "idle")]
+        return request
+
+    def _handle_kernel_info_reply(self, reply):
+        self.handled = reply
+
+    async def is_alive(self):
+        return True
+
+
+def test_connecting_waits_for_its_own_requests_idle_and_asks_again_when_iopub_missed_it():
+    client = _IOPubLateClient()
+    asyncio.run(connected(client, timeout=10))
+    assert client.requests == ["request-0", "request-1"]
+    assert client.handled["parent_header"]["msg_id"] == "request-1"
+    assert client.iopub.messages == []  # read up to that request's idle, which was the last
+
+
+def test_connecting_to_a_kernel_that_never_answers_is_a_clear_error():
+    client = _IOPubLateClient()
+    client.kernel_info = lambda: "lost"  # nothing ever comes back
+    with pytest.raises(RuntimeError, match=r"the kernel did not answer in 0\.1 s"):
+        asyncio.run(connected(client, timeout=0.1))
 
 
 def test_closing_stops_a_kernel_started_ahead_and_removes_its_workdir(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import time
 from typing import Any, Callable
 
@@ -46,6 +47,50 @@ def message_size(msg: dict[str, Any]) -> int:
     return total
 
 
+async def connected(kc, timeout: float) -> None:
+    """Wait until the kernel answers a kernel_info request of ``kc``'s and ``kc``'s IOPub socket has
+    received that request's closing ``idle`` status. Raises RuntimeError when the kernel dies or has
+    not answered within ``timeout`` seconds.
+
+    jupyter_client's ``wait_for_ready`` accepts any IOPub message as proof that IOPub is connected,
+    then reads until IOPub has been silent for 0.2 s: a fifth of each notebook's time outside its
+    cells. The request's own ``idle`` is stronger proof and needs no silence: ZMQ delivers a
+    connection's messages in order, so nothing the kernel published before it is still on the way.
+    A request whose ``idle`` does not come (IOPub subscribed too late for it) is asked again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        request = kc.kernel_info()
+        reply = await _received(kc.shell_channel, lambda msg: _parent(msg) == request, 1)
+        idle = reply is not None and await _received(
+            kc.iopub_channel, lambda msg: _parent(msg) == request and msg["msg_type"] == "status"
+            and msg["content"].get("execution_state") == "idle", 0.5)
+        if idle:
+            kc._handle_kernel_info_reply(reply)  # the protocol version, as wait_for_ready takes it
+            return
+        if not await kc.is_alive():
+            raise RuntimeError("the kernel died before it answered")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the kernel did not answer in {timeout:g} s")
+
+
+def _parent(msg: dict) -> str | None:
+    return msg.get("parent_header", {}).get("msg_id")
+
+
+async def _received(channel, wanted: Callable[[dict], bool], seconds: float) -> dict | None:
+    """The first message on ``channel`` that ``wanted`` accepts within ``seconds``, or None; the
+    others read meanwhile are dropped (replies and output of no request of the grader's)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            msg = await channel.get_msg(timeout=left)
+        except queue.Empty:
+            return None
+        if wanted(msg):
+            return msg
+    return None
+
+
 class GradingClient(NotebookClient):
     """NotebookClient that caps output, kills on ignored interrupts, and records timeouts.
 
@@ -74,7 +119,7 @@ class GradingClient(NotebookClient):
         # watch for that, it means the kernel sent more output than the cap at once.
         self._monitor = self.kc.iopub_channel.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._monitor_task = asyncio.ensure_future(self._watch_disconnects())
-        await self.kc.wait_for_ready(timeout=self.startup_timeout)
+        await connected(self.kc, self.startup_timeout)
         self.kc.allow_stdin = False
         return self.kc
 

@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from grader import cgroups, sandbox
 from grader.execute import outcome, processes
-from grader.execute.client import STARTUP_TIMEOUT
+from grader.execute.client import STARTUP_TIMEOUT, connected
 from grader.execute.run import run_notebook
 from grader.limits import Limits
 from grader.results import Execution
@@ -307,7 +307,7 @@ class Kernel:
         client = self.km.client()
         client.start_channels()
         try:
-            await client.wait_for_ready(timeout=STARTUP_TIMEOUT)
+            await connected(client, STARTUP_TIMEOUT)
         finally:
             client.stop_channels()
 
