@@ -6,7 +6,9 @@
 * a timed-out cell is interrupted and gets ``INTERRUPT_GRACE`` seconds to stop before the kernel is
   killed;
 * :meth:`GradingClient.run_trusted` runs the grader's own code (set-up, probe), never recorded as a
-  cell.
+  cell;
+* :func:`connected` is how the grader waits for a kernel to answer, without jupyter_client's 0.2 s of
+  waiting for IOPub to fall silent.
 """
 from __future__ import annotations
 
