@@ -17,12 +17,14 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
 from nbformat import v4
 
 from grader.execute import INTERRUPT_GRACE, Kernels, Limits, Sandboxing, execute
+from grader.execute import processes
 from grader.execute.client import connected
 
 REPO = Path(__file__).resolve().parent.parent
@@ -415,6 +417,21 @@ def test_connecting_to_a_kernel_that_never_answers_is_a_clear_error():
     client.kernel_info = lambda: "lost"  # nothing ever comes back
     with pytest.raises(RuntimeError, match=r"the kernel did not answer in 0\.1 s"):
         asyncio.run(connected(client, timeout=0.1))
+
+
+def test_a_reaped_kernels_pid_is_never_signalled_again(monkeypatch):
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    # Once reaped, its pid may be another process's: as if it were, with a group and a child.
+    monkeypatch.setattr(os, "getpgid", lambda pid: 424242)
+    monkeypatch.setattr(processes, "children_by_parent", lambda: {ended.pid: [434343]})
+    signalled = []
+    monkeypatch.setattr(os, "killpg", lambda *args: signalled.append(("killpg", *args)))
+    monkeypatch.setattr(os, "kill", lambda *args: signalled.append(("kill", *args)))
+    km = SimpleNamespace(provisioner=SimpleNamespace(process=ended))
+    for sandboxed in (True, False):
+        processes.kill_kernel(km, None, sandboxed)
+    assert signalled == []
 
 
 def test_closing_stops_a_kernel_started_ahead_and_removes_its_workdir(tmp_path, monkeypatch):

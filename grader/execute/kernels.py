@@ -424,9 +424,9 @@ async def _shutdown(client: GradingClient | None, km, uid: int | None, sandboxed
     100 ms of linger, so destroying the context waited 0.09 s for a message nobody would take."""
     if client is not None:
         client.stop()
-    # Under bwrap the sandbox first, then bwrap has reaped it (see processes.kill_kernel).
-    processes.kill_kernel(km, uid, sandboxed)
-    await processes.exited(km, BWRAP_EXIT_WAIT)
+    if sandboxed:  # the sandbox first, then bwrap has reaped it (see processes.kill_kernel)
+        processes.kill_kernel(km, uid, sandboxed)
+        await processes.exited(km, BWRAP_EXIT_WAIT)
     processes.kill_kernel(km, uid, sandboxed=False)  # whatever is left: bwrap itself, if it hung
     await processes.exited(km, BWRAP_EXIT_WAIT)
     with contextlib.suppress(Exception):

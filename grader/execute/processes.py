@@ -18,16 +18,18 @@ def kill_kernel(km, uid: int | None, sandboxed: bool) -> None:
     proc = kernel_process(km)
     if proc is None:
         return
-    inside = children_by_parent().get(proc.pid, []) if sandboxed else []
-    for pid in inside:
+    # Once reaped, its pid (children, group) may be another process's by now: only signalled before.
+    if proc.poll() is None:
+        inside = children_by_parent().get(proc.pid, []) if sandboxed else []
+        for pid in inside:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if inside:
+            return
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    if inside:
-        return
-    with contextlib.suppress(OSError):
-        os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        proc.kill()
+            os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            proc.kill()
     if uid is not None and os.geteuid() == 0 and uid != 0:
         # Fallback mode: no pid namespace; anything left running as the job's uid goes too.
         for pid in os.listdir("/proc"):
