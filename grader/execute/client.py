@@ -232,12 +232,12 @@ class GradingClient(NotebookClient):
         :class:`DeadKernelError` when the kernel dies while it waits."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = await self.kc.shell_channel.get_msg(timeout=min(left, 0.5))
-            except Exception:
-                if not await self.kc.is_alive():
-                    raise DeadKernelError("the kernel died") from None
-                continue
-            if wanted(msg):
+            try:  # half a second at a time, to notice a dead kernel
+                msg = await _received(self.kc.shell_channel, wanted, min(left, 0.5))
+            except Exception:  # noqa: BLE001 - a closed socket: whether the kernel lives decides
+                msg = None
+            if msg is not None:
                 return msg
+            if not await self.kc.is_alive():
+                raise DeadKernelError("the kernel died") from None
         return None
